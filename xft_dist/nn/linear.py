@@ -1,0 +1,107 @@
+"""Megatron-style column- and row-parallel linear layers over an explicit TP process group.
+
+Column: ``W [out, in]`` split by rows, so each rank computes ``out / tp`` output features.
+Row:    ``W [out, in]`` split by columns; each rank holds ``in / tp`` input features and the
+partial products are summed over the TP group. Column -> Row needs one all-reduce in forward and
+one in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from ..dist import copy_to_tp, gather_from_tp, group_size, reduce_from_tp, scatter_to_tp
+from .sharding import InitMethod, divide, normal_init, sharded_parameter
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` and ``b`` split over output features.
+
+    Input is replicated over the TP group; the output is this rank's ``out_features / tp`` slice,
+    or the full output when ``gather_output=True``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        group: ProcessGroup | None = None,
+        gather_output: bool = False,
+        init_method: InitMethod | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        tp = group_size(group)
+        self.in_features, self.out_features = in_features, out_features
+        self.out_features_per_rank = divide(out_features, tp, "out_features")
+        self.group, self.gather_output = group, gather_output
+        self.weight = sharded_parameter(
+            (out_features, in_features), partition_dim=0, group=group,
+            init_method=init_method or normal_init(), dtype=dtype, device=device,
+        )
+        self.bias = (
+            sharded_parameter((out_features,), partition_dim=0, group=group,
+                              init_method=torch.nn.init.zeros_, dtype=dtype, device=device)
+            if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return gather_from_tp(y, self.group, dim=-1) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"per_rank={self.out_features_per_rank}, bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` split over input features; the output is full and replicated.
+
+    By default the input is already split (the output of a ``ColumnParallelLinear``); set
+    ``input_is_parallel=False`` to pass a full input that is split here. The bias is replicated and
+    added once, after the all-reduce.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        group: ProcessGroup | None = None,
+        input_is_parallel: bool = True,
+        init_method: InitMethod | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        tp = group_size(group)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_features_per_rank = divide(in_features, tp, "in_features")
+        self.group, self.input_is_parallel = group, input_is_parallel
+        self.weight = sharded_parameter(
+            (out_features, in_features), partition_dim=1, group=group,
+            init_method=init_method or normal_init(), dtype=dtype, device=device,
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(), device=device))
+            if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.group, dim=-1)
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"per_rank={self.in_features_per_rank}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}")

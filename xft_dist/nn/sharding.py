@@ -1,0 +1,71 @@
+"""Building TP-split parameters: identical full weights at any TP size, and the marks DeepSpeed reads."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..dist import group_rank, group_size
+
+InitMethod = Callable[[torch.Tensor], object]
+
+
+def normal_init(std: float = 0.02) -> InitMethod:
+    """GPT-2 style N(0, std) initialisation, the default for every xft_dist weight."""
+    def init(weight: torch.Tensor) -> None:
+        nn.init.normal_(weight, mean=0.0, std=std)
+    return init
+
+
+def mark_tensor_parallel(param: torch.Tensor, partition_dim: int, stride: int = 1) -> None:
+    """Tag a parameter as split over TP ranks along ``partition_dim``.
+
+    DeepSpeed's global gradient norm counts a parameter without this mark only on TP rank 0 (it
+    assumes it is replicated); a split parameter left unmarked silently corrupts clipping.
+    """
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = stride
+
+
+def is_tensor_parallel(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what}={numerator} must be divisible by the tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+def sharded_parameter(
+    full_shape: tuple[int, ...],
+    *,
+    partition_dim: int,
+    group,
+    init_method: InitMethod,
+    padded_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Parameter:
+    """Draw the full ``full_shape`` matrix (the same on every rank and at any TP size), zero-pad
+    ``partition_dim`` to ``padded_size`` if given, and keep this rank's contiguous slice.
+
+    Drawing the unpadded matrix keeps the number of random draws, and so every later parameter,
+    independent of the TP size.
+    """
+    full = torch.empty(full_shape, dtype=torch.float32)
+    init_method(full)
+    if padded_size is not None and padded_size > full_shape[partition_dim]:
+        pad_shape = list(full_shape)
+        pad_shape[partition_dim] = padded_size - full_shape[partition_dim]
+        full = torch.cat([full, full.new_zeros(pad_shape)], dim=partition_dim)
+    size = group_size(group)
+    local = divide(full.shape[partition_dim], size, f"dim {partition_dim} of a {tuple(full.shape)} weight")
+    shard = full.narrow(partition_dim, group_rank(group) * local, local)
+    param = nn.Parameter(shard.to(dtype=dtype or torch.get_default_dtype(), device=device).contiguous())
+    if size > 1:
+        mark_tensor_parallel(param, partition_dim)
+    return param
