@@ -19,15 +19,15 @@ group cost seconds, so they are shared). Each check becomes its own pytest test 
         report.assert_passed(name)
 
 A rank whose check raises stops there (its peers may be blocked in a collective it will never
-join); the launcher then terminates every rank after a short grace period, reports each rank's
-traceback, and marks later checks as not run. A launch past its timeout is killed and reported
-with the check each rank was in. No process outlives ``run``.
+join); the launcher terminates every rank after a short grace period, keeps each rank's traceback,
+and starts a fresh launch with the checks after the failed one, so every check gets a verdict. A
+launch past its timeout (or with a crashed rank) is killed and the check it was in is failed with
+that reason. No process outlives ``run``.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import socket
 import time
 import traceback
@@ -93,12 +93,18 @@ class Report:
     passed: dict[str, set[int]] = field(default_factory=dict)
     failures: dict[str, dict[int, str]] = field(default_factory=dict)
     fatal: str | None = None  # a failure outside any check (init, timeout, a crashed process)
+    stuck_in: str | None = None  # the check the launch was in when it timed out or a rank died
     seconds: dict[str, float] = field(default_factory=dict)
 
     def assert_passed(self, name: str) -> None:
         __tracebackhide__ = True
         if name in self.failures:
-            details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(self.failures[name].items()))
+            by_text: dict[str, list[int]] = {}  # ranks failing the same way are shown once
+            for r, tb in sorted(self.failures[name].items()):
+                by_text.setdefault(tb, []).append(r)
+            details = "\n".join(
+                f"--- {'launcher' if ranks == [-1] else 'rank(s) ' + ', '.join(map(str, ranks))} ---\n{tb}"
+                for tb, ranks in by_text.items())
             raise AssertionError(f"check {name!r} failed:\n{details}")
         ranks = self.passed.get(name, set())
         if len(ranks) != self.world_size:
@@ -123,17 +129,53 @@ class CheckSet:
     def names(self) -> list[str]:
         return [fn.__name__ for fn in self._checks]
 
-    def run(self, only: list[str] | None = None) -> Report:
-        checks = [fn for fn in self._checks if only is None or fn.__name__ in only]
-        return launch(checks, self.world_size, timeout_s=self.timeout_s,
-                      collective_timeout_s=self.collective_timeout_s)
+    def run(self, only: list[str] | None = None, max_launches: int = 4) -> Report:
+        """Run the checks; after a failure, relaunch the ones after it so each gets a verdict."""
+        todo = [fn for fn in self._checks if only is None or fn.__name__ in only]
+        merged = Report(world_size=self.world_size, names=[fn.__name__ for fn in todo])
+        for _ in range(max_launches):
+            if not todo:
+                break
+            rep = launch(todo, self.world_size, timeout_s=self.timeout_s,
+                         collective_timeout_s=self.collective_timeout_s)
+            for name, ranks in rep.passed.items():
+                merged.passed.setdefault(name, set()).update(ranks)
+            for name, tbs in rep.failures.items():
+                merged.failures.setdefault(name, {}).update(tbs)
+            merged.seconds.update(rep.seconds)
+            names = [fn.__name__ for fn in todo]
+            finished = [i for i, n in enumerate(names)
+                        if n in rep.failures or len(rep.passed.get(n, ())) == self.world_size]
+            if rep.fatal:
+                stuck = rep.stuck_in
+                if stuck in names:  # a timeout or a crash inside a check: blame it, go on after it
+                    merged.failures.setdefault(stuck, {})[-1] = rep.fatal
+                    finished.append(names.index(stuck))
+                else:
+                    merged.fatal = rep.fatal
+                    break
+            last = max(finished, default=-1)
+            todo = todo[last + 1:]
+        else:
+            if todo:
+                merged.fatal = f"gave up after {max_launches} launches"
+        return merged
+
+
+def _record_failure(report: Report, rank: int, name: str, text: str) -> None:
+    if name in report.names:
+        report.failures.setdefault(name, {})[rank] = text
+    else:
+        report.fatal = f"rank {rank} failed in {name}:\n{text}"
+        report.stuck_in = None
 
 
 def launch(checks, world_size: int, *, timeout_s: float = 300.0,
            collective_timeout_s: float = 120.0, grace_s: float = 5.0) -> Report:
     """Run ``checks`` in order on ``world_size`` spawned ranks; never leaves a process behind."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    # SimpleQueue writes synchronously: a rank that dies right after a put has still reported.
+    results = ctx.SimpleQueue()
     port = free_port()
     report = Report(world_size=world_size, names=[fn.__name__ for fn in checks])
     current: dict[int, str] = {}
@@ -150,6 +192,7 @@ def launch(checks, world_size: int, *, timeout_s: float = 300.0,
             procs.append(p)
         deadline = time.monotonic() + timeout_s
         failed_at = None
+        seen_dead: set[int] = set()
         while len(done) < world_size:
             now = time.monotonic()
             if failed_at is not None and now > failed_at + grace_s:
@@ -158,29 +201,38 @@ def launch(checks, world_size: int, *, timeout_s: float = 300.0,
                 where = ", ".join(f"rank {r}: {current.get(r, '<init>')}"
                                   for r in range(world_size) if r not in done)
                 report.fatal = f"timed out after {timeout_s:.0f}s ({where})"
+                report.stuck_in = next((current[r] for r in range(world_size)
+                                        if r not in done and r in current), None)
                 break
-            try:
-                kind, rank, name, payload = results.get(timeout=0.2)
-            except queue.Empty:
-                for rank, p in enumerate(procs):
-                    if p.exitcode not in (None, 0) and rank not in done and failed_at is None:
-                        report.fatal = f"rank {rank} died with exit code {p.exitcode} in {current.get(rank, '<init>')}"
-                        failed_at = time.monotonic()
-                continue
-            if kind == "start":
-                current[rank] = name
-            elif kind == "pass":
-                report.passed.setdefault(name, set()).add(rank)
-                report.seconds[name] = max(report.seconds.get(name, 0.0), payload)
-            elif kind == "done":
-                done.add(rank)
-            elif kind == "fail":
-                done.add(rank)
-                if name in report.names:
-                    report.failures.setdefault(name, {})[rank] = payload
-                else:
-                    report.fatal = f"rank {rank} failed in {name}:\n{payload}"
-                failed_at = failed_at or time.monotonic()
+            messages = []
+            while not results.empty():  # drain first: a dead rank's last words are in here
+                messages.append(results.get())
+            if not messages:
+                time.sleep(0.05)
+            for kind, rank, name, payload in messages:
+                if kind == "start":
+                    current[rank] = name
+                elif kind == "pass":
+                    report.passed.setdefault(name, set()).add(rank)
+                    report.seconds[name] = max(report.seconds.get(name, 0.0), payload)
+                elif kind == "done":
+                    done.add(rank)
+                elif kind == "fail":
+                    done.add(rank)
+                    _record_failure(report, rank, name, payload)
+                    failed_at = failed_at or time.monotonic()
+            if not messages or failed_at is not None:
+                # A rank that died without a word (segfault, os._exit, OOM kill) is named here.
+                # Only once a full drain has happened after the death was first seen.
+                for r, p in enumerate(procs):
+                    if r not in done and p.exitcode not in (None, 0):
+                        if r not in seen_dead:
+                            seen_dead.add(r)
+                            continue
+                        done.add(r)
+                        _record_failure(report, r, current.get(r, "<init>"),
+                                        f"rank {r} died with exit code {p.exitcode}")
+                        failed_at = failed_at or time.monotonic()
     finally:
         for k, v in saved.items():
             if v is None:

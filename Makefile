@@ -1,0 +1,26 @@
+# `make test` and friends create .venv when missing and install the project into it (quick when
+# nothing changed: a stamp file tracks pyproject.toml).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xft_dist-installed
+PYTEST_ARGS ?=
+
+# DeepSpeed JIT-compiles a small C++ op on its first distributed init; cache it inside the repo.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --progress-bar off -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -c "import torch, deepspeed, xft_dist" || { echo "install failed"; exit 1; }
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
