@@ -10,3 +10,13 @@ __all__ = [
     "vocab_parallel_cross_entropy", "masked_loss_sum",
     "mark_tensor_parallel", "is_tensor_parallel", "normal_init",
 ]
+
+from .attention import Attention, attention_mask  # noqa: E402
+from .checkpoint import checkpoint  # noqa: E402
+from .mlp import FeedForward  # noqa: E402
+from .norm import make_norm  # noqa: E402
+from .position import (AbsolutePositionalEmbedding, RotaryEmbedding, apply_rotary,  # noqa: E402
+                       document_positions)
+
+__all__ += ["Attention", "attention_mask", "checkpoint", "FeedForward", "make_norm",
+            "AbsolutePositionalEmbedding", "RotaryEmbedding", "apply_rotary", "document_positions"]

@@ -1,0 +1,70 @@
+"""Encoder-decoder sharing one vocab-parallel token embedding, with a tied output head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..dist import ParallelGroups, RNGStreams
+from ..nn import VocabParallelEmbedding
+from .layers import Decoder, Encoder
+from .wrappers import AutoregressiveWrapper, TransformerWrapper
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder (width ``enc_dim``, default ``dim``) and causal decoder (width ``dim``) with
+    cross-attention over the encoder output. One ``VocabParallelEmbedding`` of width ``dim`` feeds
+    both towers (projected up/down when ``enc_dim`` differs) and is the decoder's output head.
+
+    ``layer_kwargs`` go to both stacks (e.g. ``ff_glu``, ``attn_dropout``, ``activation_checkpointing``).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        dim: int,
+        enc_depth: int,
+        dec_depth: int,
+        heads: int = 8,
+        enc_dim: int | None = None,
+        enc_heads: int | None = None,
+        enc_max_seq_len: int = 512,
+        dec_max_seq_len: int = 512,
+        pad_value: int = 0,
+        pad_to_multiple_of: int = 1,
+        groups: ParallelGroups | None = None,
+        rng: RNGStreams | None = None,
+        **layer_kwargs,
+    ):
+        super().__init__()
+        groups = groups or ParallelGroups.single()
+        enc_dim = enc_dim or dim
+        self.pad_value = pad_value
+        self.token_emb = VocabParallelEmbedding(num_tokens, dim, group=groups.tp_group,
+                                                pad_to_multiple_of=pad_to_multiple_of)
+        self.encoder = TransformerWrapper(
+            num_tokens=num_tokens, max_seq_len=enc_max_seq_len, token_emb=self.token_emb,
+            return_only_embed=True,
+            attn_layers=Encoder(enc_dim, enc_depth, enc_heads or heads, groups=groups, rng=rng, **layer_kwargs),
+        )
+        decoder = TransformerWrapper(
+            num_tokens=num_tokens, max_seq_len=dec_max_seq_len, token_emb=self.token_emb,
+            tie_embedding=True,
+            attn_layers=Decoder(dim, dec_depth, heads, cross_attend=True, cross_attn_dim_context=enc_dim,
+                                groups=groups, rng=rng, **layer_kwargs),
+        )
+        self.decoder = AutoregressiveWrapper(decoder, pad_value=pad_value)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(src, mask=src_mask, return_embeddings=True)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: torch.Tensor | None = None,
+                tgt_mask: torch.Tensor | None = None, return_sums: bool = False):
+        """Next-token loss of ``tgt`` given ``src``; masks default to ``token != pad_value``."""
+        if src_mask is None:
+            src_mask = src != self.pad_value
+        if tgt_mask is None:
+            tgt_mask = tgt != self.pad_value
+        enc = self.encode(src, src_mask)
+        return self.decoder(tgt, mask=tgt_mask, context=enc, context_mask=src_mask, return_sums=return_sums)

@@ -1,0 +1,181 @@
+"""Token-level models around an ``AttentionLayers`` stack.
+
+``TransformerWrapper`` embeds tokens (or takes precomputed embeddings), runs the stack and returns
+this rank's vocab shard of the logits. ``AutoregressiveWrapper`` owns the next-token loss.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import (AbsolutePositionalEmbedding, ColumnParallelLinear, VocabParallelEmbedding,
+                  document_positions, masked_loss_sum, vocab_parallel_cross_entropy)
+from .layers import AttentionLayers
+
+IGNORE = -100  # internal ignore index for targets that must not count
+
+
+class TransformerWrapper(nn.Module):
+    """Embeddings -> ``attn_layers`` -> vocab-parallel logits.
+
+    ``token_emb``: a prebuilt ``VocabParallelEmbedding`` to share with other wrappers (its vocab
+    size and TP group must match). ``tie_embedding``: the output head reuses the token embedding.
+    ``emb_dim`` differing from the stack's width adds a projection (e.g. a wider encoder fed from
+    an embedding shared with a narrower decoder). ``return_only_embed``: no output head at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        max_seq_len: int,
+        attn_layers: AttentionLayers,
+        token_emb: VocabParallelEmbedding | None = None,
+        tie_embedding: bool = False,
+        emb_dim: int | None = None,
+        emb_dropout: float = 0.0,
+        use_abs_pos_emb: bool | None = None,
+        pad_to_multiple_of: int = 1,
+        return_only_embed: bool = False,
+    ):
+        super().__init__()
+        self.attn_layers = attn_layers
+        self.groups = attn_layers.groups
+        group = self.groups.tp_group
+        dim = attn_layers.dim
+        self.num_tokens, self.max_seq_len = num_tokens, max_seq_len
+        if token_emb is not None:
+            if token_emb.num_embeddings != num_tokens:
+                raise ValueError(f"token_emb has {token_emb.num_embeddings} tokens, num_tokens={num_tokens}")
+            if token_emb.group is not group:
+                raise ValueError("token_emb was built for another tensor-parallel group than attn_layers")
+            if emb_dim is not None and emb_dim != token_emb.embedding_dim:
+                raise ValueError(f"emb_dim={emb_dim} but token_emb.embedding_dim={token_emb.embedding_dim}")
+            emb_dim = token_emb.embedding_dim
+        emb_dim = emb_dim or dim
+        self.emb_dim = emb_dim
+        self.token_emb = token_emb or VocabParallelEmbedding(num_tokens, emb_dim, group=group,
+                                                             pad_to_multiple_of=pad_to_multiple_of)
+        if use_abs_pos_emb is None:
+            use_abs_pos_emb = attn_layers.rotary is None
+        self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len) if use_abs_pos_emb else None
+        self.emb_dropout = emb_dropout
+        # Replicated over TP ranks (group=None): the same full weights on every rank.
+        self.project_emb = ColumnParallelLinear(emb_dim, dim, bias=False) if emb_dim != dim else None
+        self.tie_embedding = tie_embedding
+        if return_only_embed:
+            self.to_logits = None
+        elif tie_embedding:
+            if emb_dim != dim:
+                raise ValueError(f"tie_embedding needs emb_dim ({emb_dim}) == attn_layers.dim ({dim})")
+            self.to_logits = None
+        else:
+            self.to_logits = VocabParallelEmbedding(num_tokens, dim, group=group,
+                                                    pad_to_multiple_of=pad_to_multiple_of)
+        self.return_only_embed = return_only_embed
+
+    @property
+    def head(self) -> VocabParallelEmbedding | None:
+        if self.return_only_embed:
+            return None
+        return self.token_emb if self.tie_embedding else self.to_logits
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        return_embeddings: bool = False,
+        gather_logits: bool = False,
+    ) -> torch.Tensor:
+        """``x``: token ids ``[b, n]`` or precomputed input embeddings ``[b, n, emb_dim]``.
+
+        Returns this rank's logits shard ``[b, n, padded_vocab / tp]`` (padded columns included;
+        pass ``vocab_size=num_tokens`` to the loss), the full ``[b, n, num_tokens]`` with
+        ``gather_logits=True``, or the final embeddings ``[b, n, dim]``.
+        """
+        h = x if x.is_floating_point() else self.token_emb(x)
+        if positions is None and doc_ids is not None:
+            positions = document_positions(doc_ids)
+        if self.pos_emb is not None:
+            pos = positions if positions is not None else torch.arange(h.shape[1], device=h.device)[None]
+            h = h + self.pos_emb(pos)
+        if self.emb_dropout > 0:
+            h = F.dropout(h, self.emb_dropout, training=self.training)  # replicated: default stream
+        if self.project_emb is not None:
+            h = self.project_emb(h)
+        h = self.attn_layers(h, mask, context=context, context_mask=context_mask, doc_ids=doc_ids,
+                             positions=positions)
+        if return_embeddings or self.head is None:
+            return h
+        logits = self.head.logits(h, gather=gather_logits)
+        return logits[..., : self.num_tokens] if gather_logits else logits
+
+
+class AutoregressiveWrapper(nn.Module):
+    """Next-token loss over a ``TransformerWrapper``, equal to the manual path:
+
+        logits = net(x[:, :-1]); F.cross_entropy(logits, x[:, 1:], ignore_index=pad_value)
+
+    Targets equal to ``pad_value`` or ``ignore_index``, or where ``mask[:, 1:]`` is False, never
+    count; the mean is over the remaining (real) tokens. ``mask_pad=False`` trains on pad tokens
+    (when pad doubles as a real token such as EOS); a one-time warning says so when it happens.
+    """
+
+    def __init__(self, net: TransformerWrapper, *, pad_value: int | None = 0, ignore_index: int = -100,
+                 mask_pad: bool = True):
+        super().__init__()
+        if net.head is None:
+            raise ValueError("AutoregressiveWrapper needs a net with an output head (not return_only_embed)")
+        self.net, self.pad_value, self.ignore_index, self.mask_pad = net, pad_value, ignore_index, mask_pad
+        self._warned = False
+
+    def targets(self, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``target`` with every position that must not count set to the internal ignore index."""
+        drop = target == self.ignore_index
+        if self.pad_value is not None:
+            is_pad = target == self.pad_value
+            if self.mask_pad:
+                drop = drop | is_pad
+            elif not self._warned and bool(is_pad.any()):
+                self._warned = True
+                warnings.warn(f"pad tokens (id {self.pad_value}) appear among the targets and count in "
+                              "the loss because mask_pad=False", stacklevel=3)
+        if mask is not None:
+            drop = drop | ~mask.bool()
+        return target.masked_fill(drop, IGNORE)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                return_sums: bool = False, **kwargs):
+        """Mean next-token loss over real tokens, or ``(loss_sum, num_tokens)`` with ``return_sums``
+        (sum those over micro-batches and DP ranks, then divide once). ``kwargs`` go to the net
+        (``context=``, ``context_mask=``, ``positions=``)."""
+        inp, target = x[:, :-1], x[:, 1:]
+        inp_mask = mask[:, :-1] if mask is not None else None
+        doc = doc_ids[:, :-1] if doc_ids is not None else None
+        if doc_ids is not None:
+            # A target from the next document is not predictable from this one.
+            same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]
+            mask = same_doc if mask is None else mask[:, 1:] & same_doc
+        else:
+            mask = mask[:, 1:] if mask is not None else None
+        if "positions" in kwargs and kwargs["positions"] is not None:
+            kwargs["positions"] = kwargs["positions"][:, :-1]
+        logits = self.net(inp, mask=inp_mask, doc_ids=doc, **kwargs)
+        target = self.targets(target, mask)
+        losses = vocab_parallel_cross_entropy(logits, target, group=self.net.groups.tp_group,
+                                              vocab_size=self.net.num_tokens, ignore_index=IGNORE)
+        loss_sum, num_tokens = masked_loss_sum(losses, target, ignore_index=IGNORE,
+                                               loss_mask=loss_mask[:, 1:] if loss_mask is not None else None)
+        if return_sums:
+            return loss_sum, num_tokens
+        return loss_sum / num_tokens.clamp(min=1.0)

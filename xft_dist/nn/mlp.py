@@ -1,0 +1,61 @@
+"""Feed-forward block: column-parallel up (and gate), row-parallel down. GELU, or SwiGLU / GEGLU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from ..dist import RNGStreams, group_size
+from .linear import ColumnParallelLinear, RowParallelLinear
+
+
+def split_region_rng(rng: RNGStreams | None, group: ProcessGroup | None, dropout: float, what: str):
+    """Check that dropout inside a TP-split region has a TP-distinct RNG stream to draw from."""
+    if dropout > 0 and group_size(group) > 1 and rng is None:
+        raise ValueError(f"{what}: dropout={dropout} at tensor-parallel size {group_size(group)} needs "
+                         "rng=xft_dist.dist.seed_all(seed, tp_rank=...) so each TP rank drops its own units")
+    return rng
+
+
+def fork(rng: RNGStreams | None):
+    return rng.fork() if rng is not None else contextlib.nullcontext()
+
+
+class FeedForward(nn.Module):
+    """``down(act(up(x)))``; with ``glu=True`` ``down(act(gate(x)) * up(x))`` (SwiGLU with ``swish``).
+
+    Up and gate are separate column-parallel layers, so every TP rank holds matching halves of a GLU.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mult: float = 4,
+        inner_dim: int | None = None,
+        glu: bool = False,
+        swish: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+        group: ProcessGroup | None = None,
+        rng: RNGStreams | None = None,
+    ):
+        super().__init__()
+        inner = inner_dim or int(dim * mult)
+        self.up = ColumnParallelLinear(dim, inner, bias=bias, group=group)
+        self.gate = ColumnParallelLinear(dim, inner, bias=bias, group=group) if glu else None
+        self.down = RowParallelLinear(inner, dim, bias=bias, group=group)
+        self.act = F.silu if swish else F.gelu
+        self.dropout = dropout
+        self.rng = split_region_rng(rng, group, dropout, "FeedForward")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
+        if self.dropout > 0 and self.training:
+            with fork(self.rng):  # hidden units are split over TP ranks: TP-distinct masks
+                h = F.dropout(h, self.dropout, training=True)
+        return self.down(h)
