@@ -1,0 +1,22 @@
+"""tools/bench.py runs both implementations side by side and prints the ratio (numbers not asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_prints_side_by_side_ratio():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench.py"), "--dim", "32", "--depth", "1", "--heads", "2",
+         "--dim-head", "16", "--vocab", "128", "--seq", "16", "--batch", "2", "--steps", "2",
+         "--warmup", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("xft ") for line in lines), out.stdout
+    assert any(line.startswith("x-transformers") for line in lines), out.stdout
+    ratio = next(line for line in lines if line.startswith("xft / x-t")).split()
+    assert float(ratio[3]) > 0, out.stdout

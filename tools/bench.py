@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Side-by-side training-step benchmark: xft_dist vs x-transformers, same shape, same data.
+
+    python tools/bench.py                         # tiny CPU-friendly shape
+    python tools/bench.py --dim 768 --depth 12 --heads 12 --seq 1024 --batch 8 --dtype bf16   # on a GPU
+
+Each implementation runs in its own subprocess (so peak memory is its own): ``warmup`` steps, then
+``steps`` timed steps of forward + next-token loss + backward + AdamW. Prints tokens/s, step time,
+peak memory (CUDA max allocated, or the process's peak RSS on CPU), MFU where the hardware peak is
+known (or given with --peak-tflops), and the xft / x-transformers ratio. x-transformers is a
+dev-only dependency (``pip install -e .[dev]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+
+IMPLS = ("xft", "x-transformers")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim-head", type=int, default=32)
+    p.add_argument("--ff-mult", type=float, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="hardware peak for MFU (0: known GPUs only)")
+    p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)  # internal: run one, print JSON
+    return p.parse_args(argv)
+
+
+def build(impl: str, a):
+    import torch
+
+    if impl == "xft":
+        from xft_dist import AutoregressiveWrapper, Decoder, TransformerWrapper
+
+        net = TransformerWrapper(num_tokens=a.vocab, max_seq_len=a.seq, attn_layers=Decoder(
+            dim=a.dim, depth=a.depth, heads=a.heads, attn_dim_head=a.dim_head, ff_mult=a.ff_mult))
+        return net, AutoregressiveWrapper(net, pad_value=None)
+    import x_transformers as xt
+
+    net = xt.TransformerWrapper(num_tokens=a.vocab, max_seq_len=a.seq, use_abs_pos_emb=False,
+                                attn_layers=xt.Decoder(dim=a.dim, depth=a.depth, heads=a.heads,
+                                                       attn_dim_head=a.dim_head, ff_mult=a.ff_mult,
+                                                       rotary_pos_emb=True, attn_flash=True))
+    return net, xt.AutoregressiveWrapper(net)
+
+
+def run_one(impl: str, a) -> dict:
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    torch.manual_seed(0)
+    net, model = build(impl, a)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else None
+    seq = torch.randint(1, a.vocab, (a.batch, a.seq + 1), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
+            loss = model(seq)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(a.warmup):
+        step()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    step_s = times[len(times) // 2]  # median
+    if device == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        hw = torch.cuda.get_device_name()
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        hw = f"CPU x{torch.get_num_threads()} threads"
+    from xft_dist.models.flops import model_flops_per_token
+
+    flops_model = build("xft", a)[0] if impl != "xft" else net  # same shape: one FLOPs count
+    return {
+        "impl": impl, "device": device, "hardware": hw, "step_ms": step_s * 1e3,
+        "tokens_per_s": a.batch * a.seq / step_s, "peak_mib": peak_mib,
+        "params": sum(p.numel() for p in net.parameters()),
+        "flops_per_token": model_flops_per_token(flops_model, a.seq),
+    }
+
+
+def peak_flops(hardware: str, a) -> float:
+    if a.peak_tflops:
+        return a.peak_tflops * 1e12
+    from xft_dist.models.flops import PEAK_FLOPS
+
+    if a.dtype != "bf16":
+        return 0.0
+    for name, peak in PEAK_FLOPS.items():
+        if name.split("-")[0] in hardware:
+            return peak
+    return 0.0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.impl:
+        print(json.dumps(run_one(a.impl, a)))
+        return 0
+    rows = []
+    for impl in IMPLS:
+        cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--impl", impl]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{impl} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    xft, ref = rows
+    print(f"# {date.today()}  {xft['hardware']}  dtype={a.dtype}  shape: dim={a.dim} depth={a.depth} "
+          f"heads={a.heads}x{a.dim_head} ff_mult={a.ff_mult} vocab={a.vocab} seq={a.seq} batch={a.batch}")
+    print(f"# {len(sys.argv) and ' '.join(['python tools/bench.py', *(argv if argv is not None else sys.argv[1:])])}")
+    peak = peak_flops(xft["hardware"], a)
+    head = f"{'':16}{'tokens/s':>12}{'step ms':>10}{'peak MiB':>10}{'params':>12}" + (f"{'MFU':>8}" if peak else "")
+    print(head)
+    for r in rows:
+        line = f"{r['impl']:16}{r['tokens_per_s']:>12.0f}{r['step_ms']:>10.1f}{r['peak_mib']:>10.0f}{r['params']:>12,}"
+        if peak:
+            line += f"{r['tokens_per_s'] * r['flops_per_token'] / peak:>8.1%}"
+        print(line)
+    print(f"{'xft / x-t':16}{xft['tokens_per_s'] / ref['tokens_per_s']:>12.2f}{xft['step_ms'] / ref['step_ms']:>10.2f}"
+          f"{xft['peak_mib'] / ref['peak_mib']:>10.2f}")
+    print(f"# FLOPs/token (training, PaLM convention): {xft['flops_per_token']:.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
