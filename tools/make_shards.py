@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Text files, directories and JSONL -> tokenized webdataset shards plus a manifest.
+
+    python tools/make_shards.py corpus/ more.jsonl --out data/shards                   # byte tokenizer
+    python tools/make_shards.py docs/ --include '*.py' --tokenizer tokenizer.json --out data/py
+    python tools/make_shards.py big.jsonl --jsonl-key body --tokenizer spm.model --out data/spm
+
+A text file is one document; a ``.jsonl`` file holds one document per line (``--jsonl-key``, default
+``text``); a directory is searched recursively (``--include`` globs, all files by default).
+Tokenizes on every core (``--workers``), shows progress, writes ``shard-NNNNNN.tar`` files of about
+``--shard-tokens`` tokens and ``manifest.json`` last. Undecodable text or bad JSON stops with the
+file and position, unless ``--skip-bad`` (then skipped, counted and reported). Empty documents are
+skipped and counted. An output directory made with another tokenizer is refused; ``--append`` adds
+to one made with the same tokenizer, ``--overwrite`` replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from xft_dist.data.errors import DataError
+from xft_dist.data.shards import MANIFEST, Manifest, ShardWriter
+from xft_dist.data.tokenizer import load_tokenizer, same_tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="text files, .jsonl files or directories")
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    p.add_argument("--tokenizer", default="byte", help="'byte', a tokenizer.json or a sentencepiece .model")
+    p.add_argument("--eos-token", help="HF tokenizer: the EOS token's text (default: common names)")
+    p.add_argument("--pad-token", help="HF tokenizer: the pad token's text (default: common names, else EOS)")
+    p.add_argument("--jsonl-key", default="text")
+    p.add_argument("--include", action="append", default=[], help="glob for files inside directories (repeatable)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 20)
+    p.add_argument("--workers", type=int, default=mp.cpu_count())
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable files / bad JSON lines (counted)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--append", action="store_true")
+    group.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def discover(inputs: list[str], include: list[str]) -> list[Path]:
+    files = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                if f.is_file() and (not include or any(fnmatch.fnmatch(f.name, g) for g in include)):
+                    files.append(f)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input {raw}: no such file or directory")
+    return files
+
+
+def documents(files: list[Path], jsonl_key: str, skip_bad: bool, counts: dict):
+    """(source, text) per document, in a deterministic order."""
+    for f in files:
+        data = f.read_bytes()
+        if f.suffix in (".jsonl", ".ndjson"):
+            for lineno, line in enumerate(data.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[jsonl_key]
+                    if not isinstance(text, str):
+                        raise TypeError(f"{jsonl_key!r} is {type(text).__name__}, expected a string")
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                    msg = f"{f}:{lineno}: bad JSONL record ({type(e).__name__}: {e})"
+                    if not skip_bad:
+                        raise DataError(msg + "; pass --skip-bad to skip such lines") from None
+                    counts["bad"] += 1
+                    counts["bad_examples"].append(msg)
+                    continue
+                yield f"{f}:{lineno}", text
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                msg = f"{f}: not UTF-8 text at byte {e.start} ({e.reason})"
+                if not skip_bad:
+                    raise DataError(msg + "; pass --skip-bad to skip such files or --include to select files") from None
+                counts["bad"] += 1
+                counts["bad_examples"].append(msg)
+                continue
+            yield str(f), text
+
+
+_TOKENIZER = None
+
+
+def _init_worker(spec: str, kwargs: dict) -> None:
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(spec, **kwargs)
+
+
+def _encode(item):
+    return _TOKENIZER.encode(item[1])
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    hf_kwargs = {k: v for k, v in (("eos_token", a.eos_token), ("pad_token", a.pad_token)) if v}
+    try:
+        tokenizer = load_tokenizer(a.tokenizer, **(hf_kwargs if a.tokenizer.endswith(".json") else {}))
+        identity = tokenizer.identity()
+        out = Path(a.out)
+        existing, start = [], 0
+        if (out / MANIFEST).exists():
+            old = Manifest.load(out)
+            if not same_tokenizer(old.tokenizer, identity):
+                raise DataError(f"{out} holds shards made with tokenizer {old.tokenizer.get('kind')}:"
+                                f"{old.tokenizer.get('name')} (vocab {old.tokenizer.get('vocab_size')}); refusing "
+                                f"to mix with {identity['kind']}:{identity['name']} (vocab {identity['vocab_size']})")
+            if a.overwrite:
+                for f in out.glob("shard-*.tar"):
+                    f.unlink()
+            elif a.append:
+                existing, start = old.shards, len(old.shards)
+            else:
+                raise DataError(f"{out} already holds shards; pass --append or --overwrite")
+        files = discover(a.inputs, a.include)
+        counts = {"bad": 0, "bad_examples": [], "empty": 0}
+        docs = documents(files, a.jsonl_key, a.skip_bad, counts)
+        kwargs = hf_kwargs if a.tokenizer.endswith(".json") else {}
+        with ShardWriter(out, identity, shard_tokens=a.shard_tokens, start_index=start, existing=existing) as writer:
+            progress = tqdm(desc="documents", unit=" docs", disable=a.quiet, file=sys.stderr)
+            if a.workers > 1:
+                pool = mp.get_context("spawn").Pool(a.workers, _init_worker, (a.tokenizer, kwargs))
+                encoded = pool.imap(_encode, docs, chunksize=8)
+            else:
+                _init_worker(a.tokenizer, kwargs)
+                pool, encoded = None, map(_encode, docs)
+            try:
+                for ids in encoded:
+                    progress.update()
+                    if not ids:
+                        counts["empty"] += 1
+                        continue
+                    writer.write(ids)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                progress.close()
+        m = Manifest.load(out)
+    except DataError as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(m.shards)} shards, {m.documents} documents, {m.tokens} tokens "
+          f"({identity['kind']} tokenizer, vocab {identity['vocab_size']}) to {out}")
+    if counts["empty"]:
+        print(f"skipped {counts['empty']} empty documents")
+    if counts["bad"]:
+        print(f"skipped {counts['bad']} bad inputs (--skip-bad), e.g.:")
+        for msg in counts["bad_examples"][:5]:
+            print(f"  {msg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
