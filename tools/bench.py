@@ -3,6 +3,7 @@
 
     python tools/bench.py                         # tiny CPU-friendly shape
     python tools/bench.py --dim 768 --depth 12 --heads 12 --seq 1024 --batch 8 --dtype bf16   # on a GPU
+    python tools/bench.py --mode data [--shards DIR]   # raw webdataset read vs the packed loader
 
 Each implementation runs in its own subprocess (so peak memory is its own): ``warmup`` steps, then
 ``steps`` timed steps of forward + next-token loss + backward + AdamW. Prints tokens/s, step time,
@@ -27,6 +28,10 @@ IMPLS = ("xft", "x-transformers")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["model", "data"], default="model")
+    p.add_argument("--shards", help="data mode: a shard directory (default: a synthetic corpus in a temp dir)")
+    p.add_argument("--workers", type=int, default=1, help="data mode: DataLoader workers of the packed loader")
+    p.add_argument("--data-tokens", type=int, default=4_000_000, help="data mode: tokens to read per side")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -128,8 +133,69 @@ def peak_flops(hardware: str, a) -> float:
     return 0.0
 
 
+def bench_data(a) -> int:
+    """Tokens/s of a raw webdataset pass over the shards vs the packed, stateful loader."""
+    import tempfile
+
+    import numpy as np
+    import webdataset as wds
+
+    from xft_dist.data import LoaderConfig, Manifest, StreamingLoader
+    from xft_dist.data.shards import ShardWriter
+    from xft_dist.data.tokenizer import ByteTokenizer
+
+    tmp = None
+    if a.shards is None:
+        tmp = tempfile.TemporaryDirectory()
+        rng = np.random.default_rng(0)
+        with ShardWriter(tmp.name, ByteTokenizer().identity(), shard_tokens=1 << 19) as w:
+            for _ in range(4000):
+                w.write(rng.integers(3, 259, size=int(rng.integers(64, 2048))))
+        a.shards = tmp.name
+    m = Manifest.load(a.shards)
+    urls = [s.url for s in m.shards]
+
+    def raw_pass():
+        n = 0
+        while n < a.data_tokens:
+            ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x,
+                                workersplitter=lambda x: x, empty_check=False).decode()
+            for sample in ds:
+                n += len(sample["tokens.npy"])
+                if n >= a.data_tokens:
+                    break
+        return n
+
+    streams = max(1, min(8, len(urls)))
+    cfg = LoaderConfig(seq_len=a.seq, global_rows=a.batch * streams, num_streams=streams,
+                       num_workers=a.workers)
+
+    def packed_pass():
+        n, it = 0, iter(StreamingLoader(m, cfg))
+        while n < a.data_tokens:
+            n += next(it)["input_ids"].numel()
+        return n
+
+    rows = []
+    for name, fn in (("webdataset raw", raw_pass), ("xft packed", packed_pass)):
+        t0 = time.perf_counter()
+        n = fn()
+        rows.append((name, n / (time.perf_counter() - t0)))
+    print(f"# {date.today()}  data: {len(urls)} shards, {m.tokens} tokens; packed loader seq={a.seq} "
+          f"rows/step={cfg.global_rows} workers={a.workers}")
+    print(f"{'':16}{'tokens/s':>14}")
+    for name, rate in rows:
+        print(f"{name:16}{rate:>14,.0f}")
+    print(f"{'packed / raw':16}{rows[1][1] / rows[0][1]:>14.2f}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.mode == "data":
+        return bench_data(a)
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
         return 0

@@ -20,3 +20,11 @@ def test_bench_prints_side_by_side_ratio():
     assert any(line.startswith("x-transformers") for line in lines), out.stdout
     ratio = next(line for line in lines if line.startswith("xft / x-t")).split()
     assert float(ratio[3]) > 0, out.stdout
+
+
+def test_bench_data_mode_prints_loader_vs_raw_ratio():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--mode", "data", "--seq", "64",
+                          "--batch", "2", "--data-tokens", "20000", "--workers", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "webdataset raw" in out.stdout and "packed / raw" in out.stdout, out.stdout
