@@ -9,7 +9,10 @@ PYTEST_ARGS ?=
 # DeepSpeed JIT-compiles a small C++ op on its first distributed init; cache it inside the repo.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test clean
+.PHONY: install test pretrain clean
+
+# The default corpus: the Python standard library's top-level modules, tokenized to bytes.
+STDLIB = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 
 install: $(STAMP)
 
@@ -21,6 +24,13 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+data/stdlib/manifest.json: | $(STAMP)
+	$(PY) tools/make_shards.py $(STDLIB)/*.py --out data/stdlib --shard-tokens 250000 --overwrite --quiet
+
+pretrain: $(STAMP) data/stdlib/manifest.json
+	WANDB_MODE=offline OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu \
+		$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

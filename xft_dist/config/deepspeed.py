@@ -1,0 +1,82 @@
+"""Our config -> the DeepSpeed config dict: the single source of truth for batch sizes, ZeRO stage,
+precision, clipping, optimizer and schedule. A raw ``deepspeed:`` section is merged in; any key
+that sets something we set is an error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError
+from .schema import Config
+
+# The keys (and nested keys) that the generated config owns.
+OWNED = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization.stage",
+}
+
+
+def batch_split(cfg: Config, dp_size: int) -> tuple[int, int]:
+    """(micro_batch, accumulation steps) per rank; global = micro x accumulation x DP."""
+    g, m = cfg.train.global_batch, cfg.train.micro_batch
+    if g % (m * dp_size):
+        raise ConfigError(f"train.global_batch={g} must equal train.micro_batch={m} x accumulation x "
+                          f"data-parallel size {dp_size}: {g} is not a multiple of {m * dp_size}")
+    return m, g // (m * dp_size)
+
+
+def check_precision(cfg: Config, device: str) -> None:
+    p = cfg.train.precision
+    if p == "fp16" and device == "cpu":
+        raise ConfigError("train.precision=fp16: not supported on CPU ranks (DeepSpeed's CPU accelerator); "
+                          "use bf16 or fp32")
+    if p == "bf16" and device == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision=bf16: this GPU does not support bf16; use fp16 or fp32")
+
+
+def _conflicts(raw: dict, prefix: str = "") -> list[str]:
+    found = []
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if key in OWNED:
+            found.append(key)
+        elif isinstance(v, dict):
+            found.extend(_conflicts(v, key + "."))
+    return found
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
+    micro, accum = batch_split(cfg, dp_size)
+    o, s = cfg.optim, cfg.schedule
+    ds = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": cfg.train.steps, "warmup_num_steps": s.warmup_steps,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": s.min_lr_ratio, "warmup_type": "linear"}},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16"},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    conflicts = _conflicts(cfg.deepspeed)
+    if conflicts:
+        raise ConfigError(f"deepspeed.{conflicts[0]}: set by xft_dist from its own config (e.g. train.*, "
+                          f"optim.*, parallel.zero_stage); remove it from the raw deepspeed section")
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

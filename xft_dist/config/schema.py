@@ -1,0 +1,144 @@
+"""Typed run configuration. Unknown keys are errors; every field says what it means.
+
+Sections: ``run``, ``model``, ``parallel``, ``data``, ``train`` (batch, steps, precision, seed),
+``optim``, ``schedule``, ``checkpoint``, ``logging``, and an optional raw ``deepspeed`` section
+merged into the generated DeepSpeed config (a key that conflicts with ours is an error).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("run", description="run name; the run directory is out_dir/name")
+    out_dir: str = Field("runs", description="parent of run directories")
+
+
+class ModelSection(Section):
+    kind: Literal["decoder", "encoder_decoder"] = Field("decoder", description="decoder LM or T5-style encoder-decoder")
+    num_tokens: int | None = Field(None, ge=2, description="vocabulary; default: the shards' tokenizer (+ sentinels)")
+    dim: int = Field(256, ge=1)
+    depth: int = Field(4, ge=1, description="decoder layers (the LM's layers)")
+    heads: int = Field(8, ge=1)
+    dim_head: int | None = Field(None, ge=1, description="default dim // heads")
+    kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; default heads")
+    ff_mult: float = Field(4.0, gt=0)
+    ff_glu: bool = False
+    ff_swish: bool = False
+    use_rmsnorm: bool = False
+    rotary_pos_emb: bool = True
+    attn_dropout: float = Field(0.0, ge=0, lt=1)
+    ff_dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embedding: bool = True
+    pad_vocab_to_multiple_of: int = Field(1, ge=1)
+    activation_checkpointing: int = Field(0, ge=0, description="0 off, 1 every layer, k every k-th layer")
+    enc_depth: int = Field(4, ge=1, description="encoder_decoder: encoder layers")
+    enc_dim: int | None = Field(None, ge=1, description="encoder_decoder: encoder width (default dim)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_head or self.dim // self.heads
+
+
+class ParallelSection(Section):
+    tp: int = Field(1, ge=1, description="tensor-parallel size; DP = world size / tp")
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(600, gt=0, description="collective timeout")
+
+
+class DataSection(Section):
+    shards: str = Field(..., description="directory holding manifest.json")
+    mode: Literal["packed", "padded", "span"] = "packed"
+    seq_len: int = Field(256, ge=2)
+    enc_len: int = Field(512, ge=4, description="span mode: encoder length")
+    num_streams: int = Field(8, ge=1, description="fixed for the run; every DP size must divide it")
+    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)
+    skip_bad: bool = False
+    noise_density: float = Field(0.15, gt=0, lt=1)
+    mean_span: float = Field(3.0, gt=0)
+
+
+class TrainSection(Section):
+    steps: int = Field(100, ge=1, description="optimizer steps in the whole run")
+    global_batch: int = Field(8, ge=1, description="sequences per optimizer step, all DP ranks")
+    micro_batch: int = Field(1, ge=1, description="sequences per forward pass on one rank")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="on a non-finite loss: stop, or skip that micro-batch")
+    stop_after: int | None = Field(None, ge=1, description="checkpoint and exit after this step (time-limited jobs)")
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+
+
+class ScheduleSection(Section):
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+
+
+class CheckpointSection(Section):
+    dir: str | None = Field(None, description="default: <run dir>/checkpoints")
+    every: int = Field(50, ge=1, description="save every N steps (and at the end, and on SIGTERM/SIGUSR1)")
+    keep: int = Field(2, ge=2, description="complete checkpoints kept")
+    resume: bool = Field(True, description="resume from the newest complete checkpoint if any")
+
+
+class LoggingSection(Section):
+    every: int = Field(10, ge=1, description="console line every N steps")
+    wandb: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when WANDB_API_KEY is set, offline otherwise")
+    project: str = "xft_dist"
+    progress_bar: bool = True
+    peak_tflops: float | None = Field(None, gt=0, description="per device, for MFU (default: known GPUs)")
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    parallel: ParallelSection = ParallelSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed keys merged in")
+
+    @model_validator(mode="after")
+    def _static_checks(self):
+        m, tp = self.model, self.parallel.tp
+        if m.dim_head is None and m.dim % m.heads:
+            raise ValueError(f"model.dim={m.dim} must be divisible by model.heads={m.heads} "
+                             "(or set model.dim_head)")
+        kv = m.kv_heads or m.heads
+        if m.heads % kv:
+            raise ValueError(f"model.kv_heads={kv} must divide model.heads={m.heads}")
+        if m.heads % tp:
+            raise ValueError(f"model.heads={m.heads} must be divisible by parallel.tp={tp}")
+        if kv % tp:
+            raise ValueError(f"model.kv_heads={kv} must be divisible by parallel.tp={tp}")
+        if self.train.nonfinite == "skip" and self.parallel.zero_stage == 3:
+            raise ValueError("train.nonfinite='skip' is not supported with parallel.zero_stage=3 "
+                             "(use 'stop', or ZeRO 0-2)")
+        if self.data.mode == "span" and m.kind != "encoder_decoder":
+            raise ValueError("data.mode='span' produces encoder-decoder batches: set model.kind=encoder_decoder")
+        if m.kind == "encoder_decoder" and self.data.mode != "span":
+            raise ValueError(f"model.kind=encoder_decoder needs data.mode='span', got {self.data.mode!r}")
+        if self.train.global_batch % self.train.micro_batch:
+            raise ValueError(f"train.global_batch={self.train.global_batch} must be a multiple of "
+                             f"train.micro_batch={self.train.micro_batch}")
+        return self
