@@ -1,0 +1,201 @@
+"""Pure functions from documents to training rows. No token is lost or duplicated; pad never counts.
+
+Causal LM (``pack_stream``): documents, each followed by EOS, form one token stream; row ``k``
+reads stream tokens ``[k L, (k + 1) L]``: inputs are the first ``L``, labels the last ``L``, so
+every token is an input exactly once and a label exactly once (but the very first). Document ids
+number the segments of a row; positions restart per segment; the loss mask drops the label that
+crosses into the next document and any padding.
+
+Unpacked (``pad_rows``): one document per row (split into several when longer), padded to ``L``.
+
+Encoder-decoder (``span_corruption``): T5-style noise spans replaced by sentinels in the encoder
+input; the decoder reconstructs them (sentinel, span tokens, ..., EOS), both padded.
+
+Arrays are NumPy int64; ``row`` dicts hold ``input_ids``, ``labels``, ``doc_ids``, ``positions``,
+``loss_mask`` (float32) and ``mask`` (bool: real input tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def segment_positions(doc_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 at every change of ``doc_ids`` (1-D)."""
+    n = len(doc_ids)
+    idx = np.arange(n)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = doc_ids[1:] != doc_ids[:-1]
+    return idx - np.maximum.accumulate(np.where(starts, idx, 0))
+
+
+@dataclass
+class StreamCursor:
+    """Where the next row starts: document ``doc`` (index into the caller's list), token ``offset``
+    into that document followed by its EOS."""
+
+    doc: int = 0
+    offset: int = 0
+
+
+def _read(docs, cur: StreamCursor, need: int, eos_id: int):
+    """Up to ``need`` stream tokens from ``cur``: (tokens, segment of each token, cursor after)."""
+    toks, segs, d, off = [], [], cur.doc, cur.offset
+    while need > 0 and d < len(docs):
+        full_len = len(docs[d]) + 1
+        take = min(need, full_len - off)
+        body = np.asarray(docs[d][off:off + take], dtype=np.int64)
+        piece = np.concatenate([body, np.full(take - len(body), eos_id, dtype=np.int64)])
+        toks.append(piece)
+        segs.append(np.full(take, d, dtype=np.int64))
+        need -= take
+        off += take
+        if off == full_len:
+            d, off = d + 1, 0
+    if not toks:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), StreamCursor(d, off)
+    return np.concatenate(toks), np.concatenate(segs), StreamCursor(d, off)
+
+
+def pack_stream(docs, cursor: StreamCursor, seq_len: int, *, eos_id: int, pad_id: int,
+                max_rows: int | None = None, final: bool = False):
+    """Cut full rows from ``docs`` (1-D token arrays, EOS not included) starting at ``cursor``;
+    return ``(rows, cursor)`` where ``cursor`` is where the next row starts. Stops at ``max_rows``
+    or when the documents run out; with ``final=True`` a last partial row is padded.
+
+    A row spans ``seq_len + 1`` stream tokens; the next row starts at its last token.
+    """
+    rows = []
+    while max_rows is None or len(rows) < max_rows:
+        tokens, seg, end = _read(docs, cursor, seq_len + 1, eos_id)
+        real = len(tokens)
+        if real < seq_len + 1:
+            if final and real > 1:
+                pad = seq_len + 1 - real
+                rows.append(_causal_row(np.concatenate([tokens, np.full(pad, pad_id, dtype=np.int64)]),
+                                        np.concatenate([seg, np.full(pad, -1, dtype=np.int64)]), real, seq_len))
+                cursor = end
+            return rows, cursor
+        rows.append(_causal_row(tokens, seg, real, seq_len))
+        if end.offset > 0:
+            cursor = StreamCursor(end.doc, end.offset - 1)
+        else:
+            cursor = StreamCursor(end.doc - 1, len(docs[end.doc - 1]))
+    return rows, cursor
+
+
+def _causal_row(tokens: np.ndarray, seg: np.ndarray, real: int, seq_len: int) -> dict:
+    """``tokens [L + 1]`` with the segment (document) of each token, -1 for padding."""
+    seg_in, seg_lab = seg[:-1], seg[1:]
+    # Number the row's segments 0, 1, 2, ... (padding, if any, becomes the last one).
+    _, doc_ids = np.unique(np.where(seg_in < 0, np.iinfo(np.int64).max, seg_in), return_inverse=True)
+    idx = np.arange(seq_len)
+    return {
+        "input_ids": tokens[:-1].copy(),
+        "labels": tokens[1:].copy(),
+        "doc_ids": doc_ids.astype(np.int64),
+        "positions": segment_positions(doc_ids),
+        "loss_mask": ((seg_in == seg_lab) & (idx + 1 < real)).astype(np.float32),
+        "mask": idx < real,
+    }
+
+
+def pad_rows(doc: np.ndarray, seq_len: int, *, eos_id: int, pad_id: int) -> list[dict]:
+    """One document (plus EOS) as ``ceil(len / seq_len)`` rows, the last padded."""
+    tokens = np.concatenate([np.asarray(doc, dtype=np.int64), [eos_id]])
+    rows = []
+    for start in range(0, max(len(tokens) - 1, 1), seq_len):
+        chunk = tokens[start:start + seq_len + 1]
+        real = len(chunk)
+        padded = np.concatenate([chunk, np.full(seq_len + 1 - real, pad_id, dtype=np.int64)])
+        seg = np.where(np.arange(seq_len + 1) < real, 0, -1)
+        rows.append(_causal_row(padded, seg, real, seq_len))
+    return rows
+
+
+# ----------------------------------------------------------------------------- span corruption
+
+def span_lengths(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """``(num_noise_tokens, num_spans)`` for a document of ``length`` tokens (T5's rounding)."""
+    num_noise = int(round(length * noise_density))
+    num_noise = min(max(num_noise, 1), length - 1) if length > 1 else 0
+    num_spans = max(1, int(round(num_noise / mean_span))) if num_noise else 0
+    return num_noise, num_spans
+
+
+def raw_length_for(enc_len: int, dec_len: int, noise_density: float, mean_span: float) -> int:
+    """Longest raw chunk whose corrupted encoder input fits ``enc_len`` and target fits ``dec_len``
+    (decoder sequence = start + target + EOS)."""
+    best = 1
+    for raw in range(2, 8 * enc_len):
+        noise, spans = span_lengths(raw, noise_density, mean_span)
+        if raw - noise + spans + 1 <= enc_len and noise + spans + 2 <= dec_len + 1:
+            best = raw
+        elif raw - noise + spans + 1 > enc_len:
+            break
+    return best
+
+
+def _random_segmentation(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """``parts`` positive integers summing to ``total``, uniformly over compositions."""
+    if parts == 1:
+        return np.array([total])
+    cuts = np.sort(rng.choice(np.arange(1, total), size=parts - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+
+def span_corruption(doc: np.ndarray, *, enc_len: int, dec_len: int, sentinel_start: int, eos_id: int,
+                    pad_id: int, start_id: int, rng: np.random.Generator, noise_density: float = 0.15,
+                    mean_span: float = 3.0) -> dict:
+    """One chunk (at most ``raw_length_for(...)`` tokens) -> padded encoder-decoder example.
+
+    Sentinel ``i`` is ``sentinel_start + i`` (ids past the tokenizer's vocabulary). The encoder
+    sees the chunk with each noise span replaced by its sentinel; the decoder sequence is
+    ``start, sentinel_0, span_0..., sentinel_1, span_1..., EOS``. Keys: ``src``, ``src_mask``,
+    ``tgt``, ``tgt_mask`` (``tgt`` has ``dec_len + 1`` tokens: the wrapper shifts it).
+    """
+    doc = np.asarray(doc, dtype=np.int64)
+    n = len(doc)
+    noise, spans = span_lengths(n, noise_density, mean_span)
+    if spans:
+        noise_lens = _random_segmentation(noise, spans, rng)
+        keep_lens = _random_segmentation(n - noise, spans, rng) if n - noise >= spans else None
+        if keep_lens is None:
+            spans, noise_lens = 1, np.array([noise])
+            keep_lens = np.array([n - noise])
+        # Alternate keep / noise, starting with keep (T5 starts with a non-noise span).
+        src, tgt, pos = [], [start_id], 0
+        for i in range(spans):
+            src.extend(doc[pos:pos + keep_lens[i]])
+            pos += keep_lens[i]
+            src.append(sentinel_start + i)
+            tgt.append(sentinel_start + i)
+            tgt.extend(doc[pos:pos + noise_lens[i]])
+            pos += noise_lens[i]
+        src.extend(doc[pos:])
+    else:
+        src, tgt = list(doc), [start_id]
+    src.append(eos_id)
+    tgt.append(eos_id)
+    if len(src) > enc_len or len(tgt) > dec_len + 1:
+        raise ValueError(f"chunk of {n} tokens does not fit enc_len={enc_len} / dec_len={dec_len}")
+    out = {}
+    for key, seq, size in (("src", src, enc_len), ("tgt", tgt, dec_len + 1)):
+        arr = np.full(size, pad_id, dtype=np.int64)
+        arr[:len(seq)] = seq
+        out[key] = arr
+        out[key + "_mask"] = np.arange(size) < len(seq)
+    return out
+
+
+def chunk_for_span_corruption(doc: np.ndarray, raw_len: int) -> list[np.ndarray]:
+    return [doc[i:i + raw_len] for i in range(0, len(doc), raw_len)] or [doc]
+
+
+def num_rows_needed(num_tokens: int, num_docs: int, seq_len: int) -> int:
+    """Rows ``pack_stream`` produces from documents totalling ``num_tokens`` (final row padded)."""
+    stream = num_tokens + num_docs
+    return max(0, math.ceil((stream - 1) / seq_len))
