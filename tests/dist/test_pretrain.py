@@ -1,0 +1,130 @@
+"""Pretraining through the real launchers on 2 CPU ranks: the deepspeed launcher trains (loss falls),
+commits checkpoints, writes JSONL and an offline W&B run; a run stopped at step 6 and resumed under
+torchrun gives bit-identical losses to an uninterrupted one; SIGUSR1 checkpoints and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ..wandb_file import history, run_ids
+from .harness import REPO, free_port
+
+pytestmark = pytest.mark.timeout(900)
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    stdlib = Path(json.__file__).parent.parent
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), stdlib / "json",
+                          stdlib / "email", "--include", "*.py", "--out", root / "shards",
+                          "--shard-tokens", "40000", "--workers", "1", "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cfg = {
+        "model": {"dim": 64, "depth": 2, "heads": 4},
+        "data": {"shards": str(root / "shards"), "seq_len": 64, "num_streams": 4},
+        "train": {"steps": 12, "global_batch": 8, "micro_batch": 2, "seed": 1},
+        "optim": {"lr": 3e-3, "weight_decay": 0.01},
+        "schedule": {"warmup_steps": 2},
+        "checkpoint": {"every": 4, "keep": 2},
+        "logging": {"every": 4, "wandb": "offline", "progress_bar": False},
+        "run": {"out_dir": str(root / "runs")},
+    }
+    (root / "cfg.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    return root
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+
+
+def _deepspeed(work, *overrides):
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+            str(REPO / "launch" / "pretrain.py"), "--config", str(work / "cfg.yaml"), *overrides]
+
+
+def _torchrun(work, *overrides):
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+            str(REPO / "launch" / "pretrain.py"), "--config", str(work / "cfg.yaml"), *overrides]
+
+
+def _run(cmd):
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert res.returncode == 0, f"{cmd[0]} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+def _jsonl(work, name):
+    return [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(work):
+    return _run(_deepspeed(work, "run.name=straight"))
+
+
+def test_deepspeed_launcher_run_trains_checkpoints_and_logs(work, straight):
+    rows = _jsonl(work, "straight")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < 0.8 * losses[0], f"loss did not fall: {losses}"
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "loss_tokens_per_s", "padding_fraction",
+                "step_time_s", "memory_mib"):
+        assert key in rows[-1], key
+    ckpts = work / "runs" / "straight" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-00000012"
+    kept = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+    assert kept == ["step-00000008", "step-00000012"], kept  # keep=2
+    assert (ckpts / "step-00000012" / "COMPLETE").exists()
+    assert (work / "runs" / "straight" / "config.yaml").exists()
+    wandb_files = list((work / "runs" / "straight" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 1
+    logged = [h for h in history(wandb_files[0]) if "loss" in h]
+    assert [h["loss"] for h in logged] == losses
+    assert "checkpoint: " in straight.stdout and "W&B (offline)" in straight.stdout
+
+
+def test_stop_and_resume_under_torchrun_is_bit_identical(work, straight):
+    _run(_deepspeed(work, "run.name=resumed", "train.stop_after=6"))
+    ckpts = work / "runs" / "resumed" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-00000006"
+    _run(_torchrun(work, "run.name=resumed"))  # picks up the newest complete checkpoint by itself
+    rows = _jsonl(work, "resumed")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _jsonl(work, "straight")]  # bit-identical
+    files = sorted((work / "runs" / "resumed" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len(set().union(*(run_ids(f) for f in files))) == 1  # same W&B run continues
+
+
+def test_sigusr1_checkpoints_and_stops(work):
+    proc = subprocess.Popen(_torchrun(work, "run.name=signal", "train.steps=400", "checkpoint.every=1000"),
+                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = work / "runs" / "signal" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be signalled"
+            time.sleep(0.5)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "pretrain.py" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        ranks[0].send_signal(signal.SIGUSR1)  # one rank told, as SLURM --signal does; all must stop together
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    step = len(metrics.read_text().splitlines())
+    assert step < 400 and "stopped: signal" in out
+    latest = (work / "runs" / "signal" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{step:08d}"

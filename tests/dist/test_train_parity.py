@@ -1,0 +1,124 @@
+"""Training parity matrix: (TP1, DP1), (TP2, DP1), (TP1, DP2), (TP2, DP2) x ZeRO 1 and 2 (and 3 at
+TP2 x DP2) x accumulation (one micro-batch per rank vs four), for the decoder LM and the
+encoder-decoder: the loss of each of 5 steps equals the (TP1, DP1) run within 1e-5 relative.
+
+Everything runs the real step (``xft_dist.train.step``) on real DeepSpeed engines fed by the real
+loader, with the same seed and global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from .harness import CheckSet
+
+STEPS, GLOBAL = 5, 8
+KINDS = ("decoder", "encoder_decoder")
+
+
+def _config(kind: str, tp: int, zero: int, micro: int):
+    from xft_dist.config.load import validate
+
+    model = {"kind": kind, "dim": 32, "depth": 2, "heads": 4, "dim_head": 8}
+    data = {"shards": os.environ["XFT_PARITY_CORPUS"], "seq_len": 16, "num_streams": 4}
+    if kind == "encoder_decoder":
+        model.update(depth=1, enc_depth=1, enc_dim=48)
+        data.update(mode="span", enc_len=32)
+    return validate({"model": model, "data": data, "parallel": {"tp": tp, "zero_stage": zero},
+                     "train": {"steps": 100, "global_batch": GLOBAL, "micro_batch": micro, "seed": 0},
+                     "optim": {"lr": 3e-3, "grad_clip": 0.5}, "schedule": {"warmup_steps": 2}})
+
+
+def _losses(kind: str, tp: int, zero: int, accumulate: bool) -> list[float]:
+    import deepspeed
+    import torch.distributed as dist
+
+    from xft_dist.data import LoaderConfig, Manifest, StreamingLoader
+    from xft_dist.dist import ParallelGroups, seed_all
+    from xft_dist.train.engine import build_model, initialize
+    from xft_dist.train.step import train_step
+
+    deepspeed.init_distributed("gloo")
+    dp = dist.get_world_size() // tp
+    micro = GLOBAL // dp // (4 if accumulate else 1)
+    cfg = _config(kind, tp, zero, micro)
+    groups = ParallelGroups.build(tp_size=tp)
+    streams = seed_all(0, tp_rank=groups.tp_rank)
+    manifest = Manifest.load(cfg.data.shards)
+    lcfg = LoaderConfig(seq_len=cfg.data.seq_len, global_rows=GLOBAL, num_streams=4, mode=cfg.data.mode,
+                        enc_len=cfg.data.enc_len)
+    loader = StreamingLoader(manifest, lcfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+    num_tokens = 259 + getattr(loader, "num_sentinels", 0)
+    engine = initialize(cfg, build_model(cfg, groups, streams, num_tokens=num_tokens, pad_id=0), groups)
+    batches = iter(loader)
+    out = [train_step(engine, next(batches), kind=kind, groups=groups, micro_batch=micro, pad_id=0,
+                      step=i).loss for i in range(STEPS)]
+    engine.destroy()
+    return out
+
+
+def _record_or_compare(tp: int, zeros=(1, 2)):
+    import torch.distributed as dist
+
+    path = Path(os.environ["XFT_PARITY_DIR"]) / "reference.json"
+    results = {f"{kind}/zero{z}/accum{int(a)}": _losses(kind, tp, z, a)
+               for kind in KINDS for z in zeros for a in (False, True)}
+    if not path.exists():  # the (TP1, DP1) launch: its first run is the reference
+        if dist.get_rank() == 0:
+            path.write_text(json.dumps({kind: results[f"{kind}/zero1/accum0"] for kind in KINDS}))
+        dist.barrier()
+    reference = json.loads(path.read_text())
+    layout = f"TP{tp} x DP{dist.get_world_size() // tp}"
+    for key, losses in results.items():
+        want = reference[key.split("/")[0]]
+        torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                   rtol=1e-5, atol=0, msg=lambda m: f"{layout} {key}: {losses} vs {want}\n{m}")
+        assert losses[-1] < losses[0], f"{layout} {key}: loss did not fall {losses}"
+
+
+ONE, TWO, FOUR = CheckSet(world_size=1, timeout_s=400), CheckSet(world_size=2, timeout_s=500), \
+    CheckSet(world_size=4, timeout_s=600)
+
+
+@ONE.check
+def tp1_dp1_reference_and_its_variants():
+    _record_or_compare(tp=1)
+
+
+@TWO.check
+def tp2_dp1_matches_reference():
+    _record_or_compare(tp=2)
+
+
+@TWO.check
+def tp1_dp2_matches_reference():
+    _record_or_compare(tp=1)
+
+
+@FOUR.check
+def tp2_dp2_matches_reference_zero_1_2_3():
+    _record_or_compare(tp=2, zeros=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    from ..helpers import make_corpus
+
+    root = tmp_path_factory.mktemp("parity")
+    make_corpus(root / "corpus", num_docs=200, shard_tokens=500, max_len=60)
+    os.environ["XFT_PARITY_CORPUS"] = str(root / "corpus")
+    os.environ["XFT_PARITY_DIR"] = str(root)
+    try:
+        return {name: rep for cs in (ONE, TWO, FOUR) for rep in [cs.run()] for name in cs.names()}
+    finally:
+        os.environ.pop("XFT_PARITY_CORPUS")
+        os.environ.pop("XFT_PARITY_DIR")
+
+
+@pytest.mark.parametrize("name", ONE.names() + TWO.names() + FOUR.names())
+def test_parity(reports, name):
+    reports[name].assert_passed(name)

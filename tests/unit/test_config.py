@@ -1,0 +1,127 @@
+"""Configuration: composition, overrides, the DeepSpeed config, and every kind of bad input giving
+a message that names the key, the value and what was expected, with a non-zero exit."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xft_dist.config import ConfigError, deepspeed_config, load_config
+from xft_dist.config.load import validate
+
+REPO = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "launch" / "pretrain.py")
+pretrain = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pretrain)
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    from ..helpers import make_corpus
+
+    make_corpus(tmp_path / "shards", num_docs=40, shard_tokens=300)
+    return tmp_path / "shards"
+
+
+def _write(tmp_path, data, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_presets_compose_and_validate():
+    for preset in ("tiny", "gpt_125m", "gpt_1_3b", "gpt_1_3b_zero3", "t5_base"):
+        cfg = load_config(REPO / "configs" / f"{preset}.yaml")
+        assert cfg.run.name
+    cfg = load_config(REPO / "configs" / "gpt_1_3b.yaml", ["model.depth=4", "optim.betas=[0.9, 0.99]"])
+    assert cfg.model.depth == 4 and cfg.model.ff_glu and cfg.parallel.tp == 2 and cfg.optim.betas == (0.9, 0.99)
+    assert load_config(REPO / "configs" / "t5_base.yaml").model.kind == "encoder_decoder"
+
+
+def test_deepspeed_config_is_derived_and_raw_section_cannot_conflict():
+    cfg = load_config(REPO / "configs" / "gpt_125m.yaml")
+    ds = deepspeed_config(cfg, dp_size=8)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (16, 4, 512)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
+    assert ds["scheduler"]["params"]["total_num_steps"] == 20000
+    ok = load_config(REPO / "configs" / "gpt_125m.yaml", ["deepspeed={zero_optimization: {overlap_comm: true}}"])
+    assert deepspeed_config(ok, 8)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    bad = load_config(REPO / "configs" / "gpt_125m.yaml", ["deepspeed={zero_optimization: {stage: 3}}"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_optimization.stage: set by xft_dist"):
+        deepspeed_config(bad, 8)
+
+
+BAD = {
+    "unknown key + close match": ({"model": {"deptth": 3}}, "model.deptth: unknown key (did you mean 'depth'?)"),
+    "unknown section": ({"optimm": {}}, "optimm: unknown key (did you mean 'optim'?)"),
+    "wrong type": ({"train": {"steps": "ten"}}, "train.steps='ten': Input should be a valid integer"),
+    "heads % tp": ({"model": {"heads": 6, "dim": 96}, "parallel": {"tp": 4}},
+                   "model.heads=6 must be divisible by parallel.tp=4"),
+    "kv heads": ({"model": {"heads": 8, "kv_heads": 3}}, "model.kv_heads=3 must divide model.heads=8"),
+    "kv heads % tp": ({"model": {"heads": 8, "kv_heads": 2}, "parallel": {"tp": 4}},
+                      "model.kv_heads=2 must be divisible by parallel.tp=4"),
+    "dim % heads": ({"model": {"dim": 100, "heads": 8}}, "model.dim=100 must be divisible by model.heads=8"),
+    "micro divides global": ({"train": {"global_batch": 10, "micro_batch": 4}},
+                             "train.global_batch=10 must be a multiple of train.micro_batch=4"),
+    "bad zero stage": ({"parallel": {"zero_stage": 5}}, "parallel.zero_stage=5"),
+    "mode vs kind": ({"data": {"mode": "span"}}, "set model.kind=encoder_decoder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_names_the_key_and_exits_2(case, tmp_path, shards, capsys):
+    data, message = BAD[case]
+    data = {"data": {"shards": str(shards)}, **data} if "data" not in data else \
+        {**data, "data": {"shards": str(shards), **data["data"]}}
+    with pytest.raises(ConfigError) as e:
+        validate(data)
+    assert message in str(e.value)
+    assert pretrain.main(["--config", str(_write(tmp_path, data))]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env,overrides,message", [
+    ({"WORLD_SIZE": "2"}, ["train.global_batch=6", "train.micro_batch=2"],
+     "train.global_batch=6 must equal train.micro_batch=2 x accumulation x data-parallel size 2"),
+    ({"WORLD_SIZE": "3"}, ["parallel.tp=2"], "parallel.tp=2 must divide the world size 3"),
+    ({"WORLD_SIZE": "1"}, ["train.precision=fp16"], "train.precision=fp16: not supported on CPU"),
+    ({"WORLD_SIZE": "1"}, ["data.shards=/nowhere"], "data.shards='/nowhere'"),
+    ({"WORLD_SIZE": "2"}, ["data.num_streams=3", "train.global_batch=6", "train.micro_batch=3"],
+     "data.num_streams=3 must be divisible by the data-parallel size 2"),
+])
+def test_launch_time_checks_run_before_any_collective(env, overrides, message, tmp_path, shards, monkeypatch, capsys):
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", **env}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    path = _write(tmp_path, {"data": {"shards": str(shards), "num_streams": 2}, "train": {"global_batch": 8}})
+    assert pretrain.main(["--config", str(path), *overrides]) == 2  # MASTER_PORT=1: a collective would hang/fail
+    assert message in capsys.readouterr().err
+
+
+def test_yaml_defaults_and_override_errors(tmp_path, shards):
+    (tmp_path / "configs" / "model").mkdir(parents=True)
+    (tmp_path / "configs" / "model" / "small.yaml").write_text("model: {dim: 64, heads: 4}\n")
+    cfg_path = tmp_path / "configs" / "run.yaml"
+    cfg_path.write_text(f"defaults: [model/small]\ndata: {{shards: {shards}}}\nmodel: {{depth: 3}}\n")
+    cfg = load_config(cfg_path, ["train.steps=7"])
+    assert (cfg.model.dim, cfg.model.depth, cfg.train.steps) == (64, 3, 7)
+    cfg_path.write_text(f"defaults: [model/smal]\ndata: {{shards: {shards}}}\n")
+    with pytest.raises(ConfigError, match="defaults entry 'model/smal'.*did you mean 'small'"):
+        load_config(cfg_path)
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(REPO / "configs" / "tiny.yaml", ["model.depth"])
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_real_process_exits_nonzero_with_the_message(tmp_path, shards):
+    path = _write(tmp_path, {"data": {"shards": str(shards)}, "model": {"hedas": 4}})
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "model.hedas: unknown key (did you mean 'heads'?)" in res.stderr
