@@ -125,3 +125,9 @@ def test_real_process_exits_nonzero_with_the_message(tmp_path, shards):
     res = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "model.hedas: unknown key (did you mean 'heads'?)" in res.stderr
+
+
+def test_config_reference_is_up_to_date():
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "config_reference.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -24,20 +24,20 @@ class RunSection(Section):
 class ModelSection(Section):
     kind: Literal["decoder", "encoder_decoder"] = Field("decoder", description="decoder LM or T5-style encoder-decoder")
     num_tokens: int | None = Field(None, ge=2, description="vocabulary; default: the shards' tokenizer (+ sentinels)")
-    dim: int = Field(256, ge=1)
+    dim: int = Field(256, ge=1, description="model width (the decoder's, for encoder_decoder)")
     depth: int = Field(4, ge=1, description="decoder layers (the LM's layers)")
-    heads: int = Field(8, ge=1)
+    heads: int = Field(8, ge=1, description="attention heads; split over TP ranks")
     dim_head: int | None = Field(None, ge=1, description="default dim // heads")
     kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; default heads")
-    ff_mult: float = Field(4.0, gt=0)
-    ff_glu: bool = False
-    ff_swish: bool = False
-    use_rmsnorm: bool = False
-    rotary_pos_emb: bool = True
-    attn_dropout: float = Field(0.0, ge=0, lt=1)
-    ff_dropout: float = Field(0.0, ge=0, lt=1)
-    tie_embedding: bool = True
-    pad_vocab_to_multiple_of: int = Field(1, ge=1)
+    ff_mult: float = Field(4.0, gt=0, description="feed-forward width / dim")
+    ff_glu: bool = Field(False, description="gated feed-forward (GEGLU; SwiGLU with ff_swish)")
+    ff_swish: bool = Field(False, description="SiLU instead of GELU")
+    use_rmsnorm: bool = Field(False, description="RMSNorm instead of LayerNorm")
+    rotary_pos_emb: bool = Field(True, description="rotary positions; false: learned absolute")
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention probabilities")
+    ff_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on feed-forward hidden units")
+    tie_embedding: bool = Field(True, description="output head reuses the token embedding (decoder)")
+    pad_vocab_to_multiple_of: int = Field(1, ge=1, description="vocab padded to a multiple of this x tp")
     activation_checkpointing: int = Field(0, ge=0, description="0 off, 1 every layer, k every k-th layer")
     enc_depth: int = Field(4, ge=1, description="encoder_decoder: encoder layers")
     enc_dim: int | None = Field(None, ge=1, description="encoder_decoder: encoder width (default dim)")
@@ -49,44 +49,44 @@ class ModelSection(Section):
 
 class ParallelSection(Section):
     tp: int = Field(1, ge=1, description="tensor-parallel size; DP = world size / tp")
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, gloo on CPU")
     timeout_s: float = Field(600, gt=0, description="collective timeout")
 
 
 class DataSection(Section):
     shards: str = Field(..., description="directory holding manifest.json")
-    mode: Literal["packed", "padded", "span"] = "packed"
-    seq_len: int = Field(256, ge=2)
+    mode: Literal["packed", "padded", "span"] = Field("packed", description="packed causal LM rows, one padded document per row, or T5 span corruption")
+    seq_len: int = Field(256, ge=2, description="tokens per row (decoder length in span mode)")
     enc_len: int = Field(512, ge=4, description="span mode: encoder length")
     num_streams: int = Field(8, ge=1, description="fixed for the run; every DP size must divide it")
-    shuffle: bool = True
-    num_workers: int = Field(0, ge=0)
-    skip_bad: bool = False
-    noise_density: float = Field(0.15, gt=0, lt=1)
-    mean_span: float = Field(3.0, gt=0)
+    shuffle: bool = Field(True, description="shuffle shards per epoch and documents per shard")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers (never change the batches)")
+    skip_bad: bool = Field(False, description="skip, count and log bad shards/documents instead of failing")
+    noise_density: float = Field(0.15, gt=0, lt=1, description="span mode: fraction of tokens masked")
+    mean_span: float = Field(3.0, gt=0, description="span mode: mean noise span length")
 
 
 class TrainSection(Section):
     steps: int = Field(100, ge=1, description="optimizer steps in the whole run")
     global_batch: int = Field(8, ge=1, description="sequences per optimizer step, all DP ranks")
     micro_batch: int = Field(1, ge=1, description="sequences per forward pass on one rank")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 is GPU-only")
+    seed: int = Field(0, description="weights, data order and dropout derive from it")
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a non-finite loss: stop, or skip that micro-batch")
     stop_after: int | None = Field(None, ge=1, description="checkpoint and exit after this step (time-limited jobs)")
 
 
 class OptimSection(Section):
-    lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay")
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
 
 
 class ScheduleSection(Section):
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="linear warmup, then cosine to min_lr_ratio at train.steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
 
 
@@ -101,8 +101,8 @@ class LoggingSection(Section):
     every: int = Field(10, ge=1, description="console line every N steps")
     wandb: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online when WANDB_API_KEY is set, offline otherwise")
-    project: str = "xft_dist"
-    progress_bar: bool = True
+    project: str = Field("xft_dist", description="W&B project")
+    progress_bar: bool = Field(True, description="tqdm bar on rank 0")
     peak_tflops: float | None = Field(None, gt=0, description="per device, for MFU (default: known GPUs)")
 
 
