@@ -17,7 +17,6 @@ Arrays are NumPy int64; ``row`` dicts hold ``input_ids``, ``labels``, ``doc_ids`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,8 +193,3 @@ def span_corruption(doc: np.ndarray, *, enc_len: int, dec_len: int, sentinel_sta
 def chunk_for_span_corruption(doc: np.ndarray, raw_len: int) -> list[np.ndarray]:
     return [doc[i:i + raw_len] for i in range(0, len(doc), raw_len)] or [doc]
 
-
-def num_rows_needed(num_tokens: int, num_docs: int, seq_len: int) -> int:
-    """Rows ``pack_stream`` produces from documents totalling ``num_tokens`` (final row padded)."""
-    stream = num_tokens + num_docs
-    return max(0, math.ceil((stream - 1) / seq_len))

@@ -23,7 +23,7 @@ from torch.distributed import ProcessGroup
 from ..dist import RNGStreams, group_size
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import fork, split_region_rng
-from .position import apply_rotary
+from .position import apply_rotary, document_starts
 
 BACKENDS = ("auto", "sdpa", "flash_varlen")
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -60,9 +60,7 @@ def attention_mask(
 def _cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Cumulative lengths of the documents of ``doc_ids [b, n]`` flattened row-major (rows never merge)."""
     b, n = doc_ids.shape
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
+    start_idx = torch.nonzero(document_starts(doc_ids).flatten(), as_tuple=False).flatten()
     cu = torch.cat([start_idx, start_idx.new_tensor([b * n])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
 

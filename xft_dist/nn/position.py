@@ -9,12 +9,18 @@ import torch
 from torch import nn
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """``doc_ids [b, n]`` -> bool ``[b, n]``, True where a document begins (every row starts one)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """``doc_ids [b, n]`` (documents contiguous within a row) -> positions restarting at 0 per document."""
     b, n = doc_ids.shape
     idx = torch.arange(n, device=doc_ids.device).expand(b, n)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = document_starts(doc_ids)
     start_of_doc = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - start_of_doc
 
