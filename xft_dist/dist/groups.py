@@ -8,6 +8,7 @@ With world 4 and tp_size 2: TP groups {0,1} {2,3}; DP groups {0,2} {1,3}.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -31,10 +32,11 @@ class ParallelGroups:
     dp_group: ProcessGroup | None
 
     @classmethod
-    def build(cls, tp_size: int = 1) -> "ParallelGroups":
+    def build(cls, tp_size: int = 1, *, timeout: timedelta | None = None) -> "ParallelGroups":
         """Create the TP and DP groups of the initialised default world.
 
         Every rank must call this with the same ``tp_size`` (``new_group`` is collective).
+        ``timeout`` bounds every collective on these groups (new groups do not inherit the world's).
         """
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -52,12 +54,12 @@ class ParallelGroups:
         # new_group is collective over the whole world: every rank creates every group, same order.
         for start in range(0, world_size, tp_size):
             ranks = list(range(start, start + tp_size))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 tp_group = group
         for tp_index in range(tp_size):
             ranks = list(range(tp_index, world_size, tp_size))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 dp_group = group
         return cls(

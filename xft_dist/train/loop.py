@@ -7,7 +7,9 @@ and nobody waits on a collective.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import sys
 from datetime import timedelta
@@ -63,6 +65,23 @@ class _Signals:
 
 
 def run(cfg: Config, *, local_rank: int | None = None) -> dict:
+    """Train; a lost peer or link makes this rank log who was lost and exit with status 3."""
+    state = {"table": None, "rank": 0}
+    try:
+        return _run(cfg, local_rank, state)
+    except Exception as e:  # noqa: BLE001 - any collective failure, whatever layer raised it
+        from ..dist.faults import explain, is_comm_error
+
+        if not (dist.is_initialized() and is_comm_error(e)):
+            raise
+        msg = explain(e, state["table"], me=state["rank"], timeout_s=cfg.parallel.timeout_s)
+        print(f"pretrain: {msg}", file=sys.stderr, flush=True)
+        log.error("%s", msg)
+        # Do not wait in process-group teardown for peers that are gone: leave now.
+        os._exit(3)
+
+
+def _run(cfg: Config, local_rank: int | None, state: dict) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = DistEnv.from_environ(local_rank_arg=local_rank)
     from deepspeed.accelerator import get_accelerator
@@ -78,7 +97,11 @@ def run(cfg: Config, *, local_rank: int | None = None) -> dict:
         torch.cuda.set_device(env.local_rank)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=cfg.parallel.timeout_s))
-    groups = ParallelGroups.build(tp_size=cfg.parallel.tp)
+    groups = ParallelGroups.build(tp_size=cfg.parallel.tp, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    state["rank"] = groups.rank
+    from ..dist.faults import rank_table
+
+    state["table"] = rank_table(env.local_rank)
     rank0 = groups.rank == 0
     streams = seed_all(cfg.train.seed, tp_rank=groups.tp_rank)
 
@@ -175,6 +198,9 @@ def run(cfg: Config, *, local_rank: int | None = None) -> dict:
                "wandb": sinks.wandb_dir, "wandb_mode": sinks.mode, "losses": history, "stopped": stop_reason}
     sinks.finish()
     if rank0:
+        (run_dir / "status.json").write_text(json.dumps({
+            "state": "stopped" if stop_reason and step < cfg.train.steps else "finished",
+            "step": step, "steps": cfg.train.steps, "checkpoint": summary["checkpoint"]}))
         print(f"\nrun {cfg.run.name}: {step} steps"
               f"{f' (stopped: {stop_reason})' if stop_reason else ''}\n"
               f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"

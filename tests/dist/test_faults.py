@@ -1,0 +1,100 @@
+"""No hangs: two network-namespace hosts train over a veth link; cutting the link makes both exit
+non-zero within the collective timeout (+ margin) saying what was lost; killing one rank makes the
+other exit promptly naming the lost host and rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .. import netns
+from .harness import REPO, free_port
+
+REASON = netns.available()
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"network namespaces: {REASON}"),
+              pytest.mark.timeout(600)]
+TIMEOUT_S, MARGIN_S = 6, 25
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    stdlib = Path(json.__file__).parent.parent
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), stdlib / "json", "--include",
+                          "*.py", "--out", root / "shards", "--shard-tokens", "20000", "--workers", "1", "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cfg = {"model": {"dim": 32, "depth": 1, "heads": 2}, "data": {"shards": str(root / "shards"), "seq_len": 32,
+           "num_streams": 2}, "train": {"steps": 100000, "global_batch": 4, "micro_batch": 2},
+           "parallel": {"timeout_s": TIMEOUT_S}, "checkpoint": {"every": 100000},
+           "logging": {"wandb": "disabled", "progress_bar": False}, "run": {"out_dir": str(root / "runs")}}
+    (root / "cfg.yaml").write_text(json.dumps(cfg))
+    return root
+
+
+def _start(config, hosts, name):
+    port = free_port()
+    procs = []
+    for rank, host in enumerate(hosts):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": hosts[0][2], "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": host[1],
+               "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+               "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+        argv = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(config / "cfg.yaml"),
+                f"run.name={name}"]
+        procs.append(subprocess.Popen(netns.on_host(host, argv), env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+    metrics = config / "runs" / name / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            outs = [p.communicate(timeout=30)[0] if p.poll() is not None else "(running)" for p in procs]
+            _kill(procs)
+            pytest.fail("the two-host run did not start training:\n" + "\n---\n".join(o[-3000:] for o in outs))
+        time.sleep(0.3)
+    return procs
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _wait_all(procs, limit):
+    t0, outs = time.monotonic(), []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1, limit - (time.monotonic() - t0)))[0])
+    except subprocess.TimeoutExpired:
+        _kill(procs)
+        pytest.fail(f"a rank was still running {limit}s after the fault: it hung")
+    return time.monotonic() - t0, outs
+
+
+def test_cut_link_makes_both_hosts_exit_within_timeout(config):
+    with netns.two_hosts(subnet=1) as hosts:
+        procs = _start(config, hosts, "cut")
+        netns.cut_link(hosts[0])
+        elapsed, outs = _wait_all(procs, TIMEOUT_S + MARGIN_S)
+    assert all(p.returncode not in (0, None) for p in procs), [p.returncode for p in procs]
+    assert elapsed < TIMEOUT_S + MARGIN_S
+    for out in outs:
+        assert "pretrain: rank" in out and ("no answer within parallel.timeout_s=6s" in out or "lost contact" in out), out[-2000:]
+
+
+def test_killed_rank_makes_the_other_exit_promptly_naming_it(config):
+    with netns.two_hosts(subnet=2) as hosts:
+        procs = _start(config, hosts, "kill")
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        elapsed, outs = _wait_all(procs[:1], 20)
+    assert procs[0].returncode == 3, outs[0][-2000:]
+    assert elapsed < 20
+    assert "pretrain: rank 0 on hosta (10.231.2.1): lost contact with host hostb (10.231.2.2), ranks [1]" in outs[0], outs[0][-2000:]
