@@ -50,6 +50,25 @@ class DistEnv:
         port = int(env.get("MASTER_PORT", 0)) or (_free_port() if world == 1 else 29500)
         return cls(rank, world, local, addr, port, launcher)
 
+    @staticmethod
+    def inconsistencies(env=None) -> list[str]:
+        """Launcher variables that contradict each other, each explained."""
+        env = os.environ if env is None else env
+        out = []
+        slurm = "SLURM_PROCID" in env and "SLURM_NTASKS" in env
+        if slurm and "RANK" in env and "WORLD_SIZE" in env and env["SLURM_NTASKS"] == env["WORLD_SIZE"]:
+            # One SLURM task per rank: the two numberings must agree.
+            if env["SLURM_PROCID"] != env["RANK"]:
+                out.append(f"RANK={env['RANK']} but SLURM_PROCID={env['SLURM_PROCID']} with one task per rank "
+                           f"(SLURM_NTASKS=WORLD_SIZE={env['WORLD_SIZE']}): set RANK from SLURM_PROCID in the "
+                           "sbatch script, or let xft_dist read the SLURM variables by not setting RANK")
+            if "SLURM_LOCALID" in env and "LOCAL_RANK" in env and env["SLURM_LOCALID"] != env["LOCAL_RANK"]:
+                out.append(f"LOCAL_RANK={env['LOCAL_RANK']} but SLURM_LOCALID={env['SLURM_LOCALID']}")
+        if "LOCAL_RANK" in env and "LOCAL_WORLD_SIZE" in env:
+            if not 0 <= int(env["LOCAL_RANK"]) < int(env["LOCAL_WORLD_SIZE"]):
+                out.append(f"LOCAL_RANK={env['LOCAL_RANK']} is outside LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']}")
+        return out
+
     def export(self) -> None:
         """Set the variables ``env://`` initialisation (and DeepSpeed) read."""
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),

@@ -50,3 +50,22 @@ def model_flops_per_token(model: TransformerWrapper, seq_len: int, *, context_le
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (all devices)."""
     return tokens_per_second * flops_per_token / peak_flops
+
+
+def estimate_parameters(*, vocab: int, dim: int, depth: int, heads: int, dim_head: int, kv_heads: int,
+                        ff_mult: float, ff_glu: bool, tie_embedding: bool = True, enc_depth: int = 0,
+                        enc_dim: int | None = None) -> int:
+    """Parameter count from the shape alone (no weights built): for disk and memory estimates."""
+    def stack(d: int, n_layers: int, cross_dim: int | None) -> int:
+        inner = int(d * ff_mult)
+        attn = 2 * d * heads * dim_head + 2 * d * kv_heads * dim_head
+        cross = (2 * d * heads * dim_head + 2 * cross_dim * heads * dim_head + 2 * d) if cross_dim else 0
+        ff = (3 if ff_glu else 2) * d * inner + (2 if ff_glu else 1) * inner + d
+        return n_layers * (attn + cross + ff + 4 * d) + 2 * d
+
+    total = vocab * dim * (1 if tie_embedding else 2)
+    if enc_depth:
+        e = enc_dim or dim
+        total += stack(e, enc_depth, None) + (dim * e if e != dim else 0)
+        return total + stack(dim, depth, e)
+    return total + stack(dim, depth, None)
