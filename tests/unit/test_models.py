@@ -300,3 +300,16 @@ def test_encoder_decoder_pads_and_trains():
         opt.step()
     assert loss.item() < first * 0.5
     assert sum(p is model.token_emb.weight for p in model.parameters()) == 1
+
+
+def test_query_rows_with_no_visible_key_output_zero_and_leak_nothing():
+    torch.manual_seed(10)
+    attn = Attention(16, heads=2, dim_head=8, causal=True, backend="sdpa")
+    x = torch.randn(1, 5, 16, requires_grad=True)
+    mask = torch.tensor([[False, True, True, True, True]])  # position 0 (a pad start) sees no key at all
+    out = attn(x, mask=mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 0], torch.zeros(16))  # to_out has no bias: an all-zero row
+    # Nothing from the future reaches row 0: its gradient w.r.t. later positions is zero.
+    (g,) = torch.autograd.grad(out[0, 0].sum(), x)
+    assert torch.count_nonzero(g[0, 1:]) == 0

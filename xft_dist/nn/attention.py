@@ -42,8 +42,8 @@ def attention_mask(
     ``causal`` (or nothing) applies, so kernels can take their unmasked / ``is_causal`` paths.
 
     ``key_mask [b, m]``: True for real keys. ``doc_ids [b, n]`` (self-attention): attend only
-    within the same document. A query row left with no key (a fully padded row) may attend to all
-    keys instead: its output is finite and, being padding, never reaches the loss.
+    within the same document. A query row may be left with no key at all (a fully padded row);
+    ``Attention`` outputs zeros there.
     """
     if key_mask is None and doc_ids is None:
         return None
@@ -54,7 +54,7 @@ def attention_mask(
         allowed = allowed & key_mask.bool()[:, None, None, :]
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed
 
 
 def _cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -145,8 +145,13 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         mask = attention_mask(n=n, m=m, causal=causal, key_mask=key_mask, doc_ids=doc_ids, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                              is_causal=causal and mask is None)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+        # A row with no visible key would softmax over nothing (NaN). Let the kernel see every key
+        # there, then zero that row: nothing leaks into it, and no gradient flows out of it.
+        empty = ~mask.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, dropout_p=dropout_p)
+        return out.masked_fill(empty, 0.0)
 
     def _flash_varlen(self, q, k, v, doc_ids, causal, dropout_p):
         from flash_attn import flash_attn_varlen_func  # CUDA-only; imported when used
