@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def run(cfg: Config, *, local_rank: int | None = None) -> dict:
         if not (dist.is_initialized() and is_comm_error(e)):
             raise
         msg = explain(e, state["table"], me=state["rank"], timeout_s=cfg.parallel.timeout_s)
+        traceback.print_exc()  # the full story stays in the log; the line below is the summary
         print(f"pretrain: {msg}", file=sys.stderr, flush=True)
         log.error("%s", msg)
         # Do not wait in process-group teardown for peers that are gone: leave now.
