@@ -155,7 +155,8 @@ def _run(cfg: Config, local_rank: int | None, state: dict) -> dict:
     def save(at: int) -> Path:
         states = [None] * groups.dp_size
         dist.all_gather_object(states, loader.state_dict(), group=groups.dp_group)
-        shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": sinks.run_id}
+        shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": sinks.run_id,
+                  "num_tokens": num_tokens, "pad_id": tok["pad_id"]}
         return ckpt.save(engine, at, rank_state={"rng": capture_rng_state(streams)}, shared=shared,
                          config_text=config_text)
 

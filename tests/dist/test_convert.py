@@ -1,0 +1,119 @@
+"""Consolidating a TP=2 checkpoint (ZeRO 1 and 2, decoder and encoder-decoder): the TP=1 model
+loaded from it gives the logits the TP=2 model gave."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .harness import REPO, CheckSet
+
+CONVERT = CheckSet(world_size=2, timeout_s=400)
+
+
+def _train_save_and_probe(kind: str, zero: int) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from xft_dist.ckpt import CheckpointManager
+    from xft_dist.config import dump_config
+    from xft_dist.config.load import validate
+    from xft_dist.dist import ParallelGroups, seed_all
+    from xft_dist.train.engine import build_model, initialize
+
+    deepspeed.init_distributed("gloo")
+    model_cfg = {"kind": kind, "dim": 32, "depth": 1, "heads": 2, "dim_head": 8, "enc_depth": 1, "enc_dim": 48}
+    data = {"shards": "unused", "seq_len": 12, "enc_len": 16, "mode": "span" if kind != "decoder" else "packed"}
+    cfg = validate({"model": model_cfg, "data": data, "parallel": {"tp": 2, "zero_stage": zero},
+                    "train": {"global_batch": 2, "micro_batch": 2}})
+    groups = ParallelGroups.build(tp_size=2)
+    model = build_model(cfg, groups, seed_all(0, tp_rank=groups.tp_rank), num_tokens=61, pad_id=0)
+    engine = initialize(cfg, model, groups)
+    gen = torch.Generator().manual_seed(1)
+    src, tgt = torch.randint(1, 61, (2, 16), generator=gen), torch.randint(1, 61, (2, 13), generator=gen)
+    for _ in range(2):  # move the weights away from their initial values
+        loss = engine(tgt).float().square().mean() if kind == "decoder" else engine(src, tgt)
+        engine.backward(loss)
+        engine.step()
+    root = Path(os.environ["XFT_CONVERT_DIR"]) / f"{kind}-zero{zero}"
+    CheckpointManager(root).save(engine, 2, rank_state={}, shared={"num_tokens": 61, "pad_id": 0},
+                                 config_text=dump_config(cfg))
+    with torch.no_grad():
+        module = engine.module.eval()
+        if kind == "decoder":
+            logits = module(tgt, gather_logits=True)
+        else:
+            logits = module.decoder.net(tgt, context=module.encode(src), gather_logits=True)
+    if dist.get_rank() == 0:
+        torch.save({"src": src, "tgt": tgt, "logits": logits}, root / "probe.pt")
+
+
+@CONVERT.check
+def decoder_zero1():
+    _train_save_and_probe("decoder", 1)
+
+
+@CONVERT.check
+def decoder_zero2():
+    _train_save_and_probe("decoder", 2)
+
+
+@CONVERT.check
+def encoder_decoder_zero1():
+    _train_save_and_probe("encoder_decoder", 1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    os.environ["XFT_CONVERT_DIR"] = str(root)
+    try:
+        report = CONVERT.run()
+    finally:
+        os.environ.pop("XFT_CONVERT_DIR")
+    for name in CONVERT.names():
+        report.assert_passed(name)
+    return root
+
+
+@pytest.mark.parametrize("run", ["decoder-zero1", "decoder-zero2", "encoder_decoder-zero1"])
+def test_consolidated_tp1_model_reproduces_tp2_logits(trained, run):
+    from xft_dist.ckpt.convert import load_consolidated
+
+    ckpt = trained / run / "step-00000002"
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), str(trained / run),
+                          "--out", str(trained / f"{run}.pt")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert ckpt.exists()
+    model = load_consolidated(trained / f"{run}.pt").eval()
+    probe = torch.load(trained / run / "probe.pt", weights_only=False)
+    with torch.no_grad():
+        if run.startswith("decoder"):
+            logits = model(probe["tgt"])
+        else:
+            logits = model.decoder.net(probe["tgt"], context=model.encode(probe["src"]))
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_and_incomplete_checkpoints_are_refused(tmp_path):
+    from xft_dist.ckpt.convert import consolidate
+
+    import json
+
+    from xft_dist.config import dump_config
+    from xft_dist.config.load import validate
+
+    ckpt = tmp_path / "step-00000001"
+    ckpt.mkdir()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        consolidate(ckpt)
+    (ckpt / "COMPLETE").write_text("1\n")
+    (ckpt / "config.yaml").write_text(dump_config(validate({"data": {"shards": "x"}, "parallel": {"zero_stage": 3}})))
+    (ckpt / "xft_state.json").write_text(json.dumps({"step": 1, "num_tokens": 61, "pad_id": 0}))
+    with pytest.raises(ValueError, match="ZeRO-3 checkpoint keeps the weights in partitioned optimizer state"):
+        consolidate(ckpt)

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Consolidate a tensor-parallel checkpoint into one file a single process can load.
+
+    python tools/convert_ckpt.py runs/gpt-125m                         # the run's newest complete checkpoint
+    python tools/convert_ckpt.py runs/x/checkpoints/step-00001000 --out model.pt
+
+Load it with ``xft_dist.ckpt.convert.load_consolidated("model.pt")`` (a TP=1 model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from xft_dist.ckpt import CheckpointManager
+from xft_dist.ckpt.convert import consolidate
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a checkpoint directory, a checkpoints/ directory or a run directory")
+    p.add_argument("--out", help="output file (default: <checkpoint>/consolidated.pt)")
+    a = p.parse_args(argv)
+    path = Path(a.path)
+    if not (path / "COMPLETE").exists():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        path = CheckpointManager(root).latest()
+        if path is None:
+            print(f"convert_ckpt: no complete checkpoint under {a.path}", file=sys.stderr)
+            return 2
+    try:
+        data = consolidate(path)
+    except ValueError as e:
+        print(f"convert_ckpt: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out) if a.out else path / "consolidated.pt"
+    torch.save(data, out)
+    n = sum(t.numel() for t in data["model"].values())
+    print(f"wrote {out}: step {data['step']}, {len(data['model'])} tensors, {n:,} values")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Consolidate a tensor-parallel checkpoint into one full (TP=1) state dict.
+
+Each TP rank's DeepSpeed ``mp_rank_XX_model_states.pt`` holds its shards. The TP=1 model built
+from the checkpoint's own config, on the meta device so no memory is spent, gives every full
+shape. A split parameter is concatenated along the dimension where the shapes differ, with vocab
+padding stripped; a replicated one is taken from rank 0. ZeRO-0/1/2 checkpoints keep the model's
+weights in those files (in the training dtype). ZeRO-3 keeps them only in partitioned optimizer
+state and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config.load import validate
+from ..dist import ParallelGroups
+from ..train.engine import build_model
+
+
+def _read(ckpt: Path):
+    if not (ckpt / "COMPLETE").exists():
+        raise ValueError(f"{ckpt} is not a complete checkpoint (no COMPLETE marker)")
+    cfg = validate(yaml.safe_load((ckpt / "config.yaml").read_text()), str(ckpt / "config.yaml"))
+    shared = json.loads((ckpt / "xft_state.json").read_text())
+    if "num_tokens" not in shared:
+        raise ValueError(f"{ckpt}/xft_state.json has no num_tokens (written by an older version)")
+    return cfg, shared
+
+
+def consolidate(ckpt: str | Path) -> dict:
+    """``{"model": full state dict, "config": resolved YAML, "num_tokens", "pad_id", "step"}``."""
+    ckpt = Path(ckpt)
+    cfg, shared = _read(ckpt)
+    if cfg.parallel.zero_stage == 3:
+        raise ValueError(f"{ckpt}: a ZeRO-3 checkpoint keeps the weights in partitioned optimizer state; "
+                         "consolidating it is not supported (train with ZeRO 0-2 to export)")
+    tp = cfg.parallel.tp
+    files = [ckpt / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ValueError(f"{ckpt}: missing {missing} for tensor-parallel size {tp}")
+    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    with torch.device("meta"):
+        ref = build_model(cfg, ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
+                          pad_id=shared["pad_id"])
+    full = {}
+    for key, want in ref.state_dict().items():
+        parts = [s[key] for s in shards]
+        if all(p.shape == want.shape for p in parts):
+            full[key] = parts[0].clone()
+            continue
+        dims = [d for d in range(want.dim()) if parts[0].shape[d] != want.shape[d]]
+        if len(dims) != 1:
+            raise ValueError(f"{key}: shard shape {tuple(parts[0].shape)} vs full {tuple(want.shape)}")
+        joined = torch.cat(parts, dim=dims[0])
+        full[key] = joined.narrow(dims[0], 0, want.shape[dims[0]]).clone()  # strip vocab padding
+    return {"model": full, "config": (ckpt / "config.yaml").read_text(), "num_tokens": shared["num_tokens"],
+            "pad_id": shared["pad_id"], "step": shared["step"]}
+
+
+def load_consolidated(path: str | Path):
+    """A single-process model (TP=1) with the weights of ``consolidate``'s output file."""
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = validate(yaml.safe_load(data["config"]))
+    cfg.parallel.tp = 1
+    model = build_model(cfg, ParallelGroups.single(), None, num_tokens=data["num_tokens"], pad_id=data["pad_id"])
+    model.load_state_dict(data["model"])
+    return model
