@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch, deepspeed, xft_dist" || { echo "install failed"; exit 1; }
+	@# Build DeepSpeed's CPU communication op now (cached in TORCH_EXTENSIONS_DIR), not in the first run.
+	@DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; \
+		b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()" >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
 test: $(STAMP)

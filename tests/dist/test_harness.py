@@ -13,7 +13,7 @@ import torch.distributed as dist
 from .harness import CheckSet
 
 FAILING = CheckSet(world_size=2)
-HANGING = CheckSet(world_size=2, timeout_s=15, collective_timeout_s=60)
+HANGING = CheckSet(world_size=2, timeout_s=8, collective_timeout_s=60)
 CRASHING = CheckSet(world_size=2)
 
 
@@ -79,7 +79,7 @@ def test_hang_times_out_and_names_the_check():
     try:
         report.assert_passed("rank0_hangs")
     except AssertionError as e:
-        assert "timed out after 15s" in str(e) and "rank 0: rank0_hangs" in str(e), str(e)
+        assert "timed out after 8s" in str(e) and "rank 0: rank0_hangs" in str(e), str(e)
     else:
         raise AssertionError("a hanging check was reported as passed")
     _no_children_left()

@@ -15,12 +15,12 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_make_pretrain_trains_the_default_and_says_where_everything_is(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
-    res = subprocess.run(["make", "-s", "pretrain", f"ARGS=run.out_dir={tmp_path} train.steps=60 "
+    res = subprocess.run(["make", "-s", "pretrain", f"ARGS=run.out_dir={tmp_path} train.steps=40 "
                           "logging.progress_bar=false"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for line in ("run tiny: 60 steps", "checkpoint: ", "metrics: ", "W&B (offline): "):
+    for line in ("run tiny: 40 steps", "checkpoint: ", "metrics: ", "W&B (offline): "):
         assert line in res.stdout, res.stdout[-2000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 60 and sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
-    assert (tmp_path / "tiny" / "checkpoints" / "step-00000060" / "COMPLETE").exists()
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
+    assert (tmp_path / "tiny" / "checkpoints" / "step-00000040" / "COMPLETE").exists()
