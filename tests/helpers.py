@@ -28,3 +28,19 @@ def make_corpus(out_dir, *, num_docs: int = 400, shard_tokens: int = 1500, seed:
         for d in docs:
             w.write(d)
     return docs
+
+
+def stdlib_shards(out, *packages: str, shard_tokens: int = 20000):
+    """Real text for training tests: the Python sources of stdlib packages, through tools/make_shards.py."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stdlib = Path(json.__file__).parent.parent
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"
+    res = subprocess.run([sys.executable, str(tool), *(str(stdlib / p) for p in packages or ("json",)),
+                          "--include", "*.py", "--out", str(out), "--shard-tokens", str(shard_tokens),
+                          "--workers", "1", "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return out

@@ -64,6 +64,14 @@ def discover(inputs: list[str], include: list[str]) -> list[Path]:
     return files
 
 
+def _bad(msg: str, hint: str, skip_bad: bool, counts: dict) -> None:
+    """Raise with the position and a hint, or (``--skip-bad``) count the skip and keep an example."""
+    if not skip_bad:
+        raise DataError(f"{msg}; {hint}")
+    counts["bad"] += 1
+    counts["bad_examples"].append(msg)
+
+
 def documents(files: list[Path], jsonl_key: str, skip_bad: bool, counts: dict):
     """(source, text) per document, in a deterministic order."""
     for f in files:
@@ -78,22 +86,16 @@ def documents(files: list[Path], jsonl_key: str, skip_bad: bool, counts: dict):
                     if not isinstance(text, str):
                         raise TypeError(f"{jsonl_key!r} is {type(text).__name__}, expected a string")
                 except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                    msg = f"{f}:{lineno}: bad JSONL record ({type(e).__name__}: {e})"
-                    if not skip_bad:
-                        raise DataError(msg + "; pass --skip-bad to skip such lines") from None
-                    counts["bad"] += 1
-                    counts["bad_examples"].append(msg)
+                    _bad(f"{f}:{lineno}: bad JSONL record ({type(e).__name__}: {e})",
+                         "pass --skip-bad to skip such lines", skip_bad, counts)
                     continue
                 yield f"{f}:{lineno}", text
         else:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
-                msg = f"{f}: not UTF-8 text at byte {e.start} ({e.reason})"
-                if not skip_bad:
-                    raise DataError(msg + "; pass --skip-bad to skip such files or --include to select files") from None
-                counts["bad"] += 1
-                counts["bad_examples"].append(msg)
+                _bad(f"{f}: not UTF-8 text at byte {e.start} ({e.reason})",
+                     "pass --skip-bad to skip such files or --include to select files", skip_bad, counts)
                 continue
             yield str(f), text
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import stdlib_shards
 from .. import netns
 from .harness import REPO, free_port
 
@@ -26,11 +27,7 @@ TIMEOUT_S, MARGIN_S = 6, 25
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    stdlib = Path(json.__file__).parent.parent
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), stdlib / "json", "--include",
-                          "*.py", "--out", root / "shards", "--shard-tokens", "20000", "--workers", "1", "--quiet"],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    stdlib_shards(root / "shards", "json")
     cfg = {"model": {"dim": 32, "depth": 1, "heads": 2}, "data": {"shards": str(root / "shards"), "seq_len": 32,
            "num_streams": 2}, "train": {"steps": 100000, "global_batch": 4, "micro_batch": 2},
            "parallel": {"timeout_s": TIMEOUT_S}, "checkpoint": {"every": 100000},

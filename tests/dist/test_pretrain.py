@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from ..wandb_file import history, run_ids
+from ..helpers import stdlib_shards
 from .harness import REPO, free_port
 
 pytestmark = pytest.mark.timeout(900)
@@ -25,11 +26,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    stdlib = Path(json.__file__).parent.parent
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), stdlib / "json",
-                          stdlib / "email", "--include", "*.py", "--out", root / "shards",
-                          "--shard-tokens", "40000", "--workers", "1", "--quiet"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    stdlib_shards(root / "shards", "json", "email", shard_tokens=40000)
     cfg = {
         "model": {"dim": 64, "depth": 2, "heads": 4},
         "data": {"shards": str(root / "shards"), "seq_len": 64, "num_streams": 4},

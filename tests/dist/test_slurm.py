@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import stdlib_shards
 from .. import slurm_cluster
 from .harness import REPO
 
@@ -32,11 +33,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurmjob")
-    stdlib = Path(json.__file__).parent.parent
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), stdlib / "json", "--include",
-                          "*.py", "--out", root / "shards", "--shard-tokens", "20000", "--workers", "1", "--quiet"],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    stdlib_shards(root / "shards", "json")
     cfg = {"model": {"dim": 32, "depth": 2, "heads": 2}, "data": {"shards": str(root / "shards"), "seq_len": 32,
            "num_streams": 2}, "train": {"steps": STEPS, "global_batch": 4, "micro_batch": 2, "seed": 3},
            "optim": {"lr": 3e-3}, "checkpoint": {"every": 1000},
