@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # DeepSpeed JIT-compiles a small C++ op on its first distributed init; cache it inside the repo.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test pretrain clean
+.PHONY: install test lint pretrain clean
 
 # The default corpus: the Python standard library's top-level modules, tokenized to bytes.
 STDLIB = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 data/stdlib/manifest.json: | $(STAMP)
 	$(PY) tools/make_shards.py $(STDLIB)/*.py --out data/stdlib --shard-tokens 250000 --overwrite --quiet

@@ -11,6 +11,7 @@ expected.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
 
     from xft_dist.config import ConfigError, dump_config, load_config
     from xft_dist.data import DataError
-    from xft_dist.dist.env import LaunchError
+    from xft_dist.runtime import LaunchError, StopSignals
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -33,7 +34,9 @@ def main(argv=None) -> int:
             return 0
         from xft_dist.train.loop import run
 
-        run(cfg, local_rank=args.local_rank)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        with StopSignals() as stop:  # SIGTERM / SIGUSR1: checkpoint and stop at the end of the step
+            run(cfg, local_rank=args.local_rank, stop=stop)
     except (ConfigError, DataError, LaunchError) as e:
         print(f"pretrain: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,39 @@
-"""Synthetic corpora for data tests: every document starts with its own index, so tests can tell
-exactly which documents a batch holds."""
+"""Helpers shared by the test suites: ports, the environment of a CPU rank, and shard builders.
+
+Synthetic corpora: every document starts with its own index, so tests can tell exactly which
+documents a batch holds. ``stdlib_shards``: real text (Python sources) through tools/make_shards.py.
+"""
 
 from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
 
 import numpy as np
 
 from xft_dist.data.shards import ShardWriter
 from xft_dist.data.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "GROUP_RANK", "ROLE_", "TORCHELASTIC_")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_rank_env(*, clean: bool = False, **extra: str) -> dict[str, str]:
+    """The environment of a CPU rank: one OpenMP thread, DeepSpeed's CPU accelerator, W&B offline,
+    and DeepSpeed's JIT-built op cached in the repo. ``clean`` drops launcher variables inherited
+    from this process (so a test sets exactly the ones it means)."""
+    base = {k: v for k, v in os.environ.items() if not (clean and k.startswith(LAUNCHER_VARS))}
+    return {**base, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+            **extra}
+
 
 BASE = 200  # document index in two "digits" of base 200, offset past the specials (0 pad, 1 eos, 2 bos)
 
@@ -35,10 +62,9 @@ def stdlib_shards(out, *packages: str, shard_tokens: int = 20000):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     stdlib = Path(json.__file__).parent.parent
-    tool = Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"
+    tool = REPO / "tools" / "make_shards.py"
     res = subprocess.run([sys.executable, str(tool), *(str(stdlib / p) for p in packages or ("json",)),
                           "--include", "*.py", "--out", str(out), "--shard-tokens", str(shard_tokens),
                           "--workers", "1", "--quiet"], capture_output=True, text=True)

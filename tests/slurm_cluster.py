@@ -15,13 +15,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from .helpers import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed() -> str | None:
@@ -62,9 +58,9 @@ class LocalSlurm:
                         f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'log' / 'munged.log'}",
                         f"--seed-file={r / 'munge' / 'seed'}"], check=True, capture_output=True)
         host = socket.gethostname().split(".")[0]
-        ctld_port = _free_port()
+        ctld_port = free_port()
         node_lines = "\n".join(
-            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} State=UNKNOWN"
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={self.cpus} State=UNKNOWN"
             for n in self.nodes)
         self.conf.write_text(f"""ClusterName=xfttest
 SlurmctldHost={host}(127.0.0.1)

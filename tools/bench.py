@@ -51,14 +51,10 @@ def parse_args(argv=None):
 
 
 def build(impl: str, a):
-    import torch
 
     if impl == "xft":
-        from xft_dist import AutoregressiveWrapper, Decoder, TransformerWrapper
-
-        net = TransformerWrapper(num_tokens=a.vocab, max_seq_len=a.seq, attn_layers=Decoder(
-            dim=a.dim, depth=a.depth, heads=a.heads, attn_dim_head=a.dim_head, ff_mult=a.ff_mult))
-        return net, AutoregressiveWrapper(net, pad_value=None)
+        model = xft_run(a).model  # the trainer's own wiring: an AutoregressiveWrapper
+        return model.net, model
     import x_transformers as xt
 
     net = xt.TransformerWrapper(num_tokens=a.vocab, max_seq_len=a.seq, use_abs_pos_emb=False,
@@ -66,6 +62,19 @@ def build(impl: str, a):
                                                        attn_dim_head=a.dim_head, ff_mult=a.ff_mult,
                                                        rotary_pos_emb=True, attn_flash=True))
     return net, xt.AutoregressiveWrapper(net)
+
+
+def xft_run(a, **model_overrides):
+    """The run the trainer would build for this shape (model stage: no world, no shards)."""
+    from xft_dist.config.load import validate
+    from xft_dist.runtime import DistEnv
+    from xft_dist.train.setup import VocabFacts, build_run
+
+    model = {"dim": a.dim, "depth": a.depth, "heads": a.heads, "dim_head": a.dim_head, "ff_mult": a.ff_mult,
+             "num_tokens": a.vocab, **model_overrides}
+    cfg = validate({"model": model, "data": {"shards": "unused", "seq_len": a.seq}}, "tools/bench.py")
+    vocab = VocabFacts(num_tokens=a.vocab, pad_id=0, tokenizer_vocab=a.vocab, num_sentinels=0)
+    return build_run(cfg, DistEnv.single(), upto="model", vocab=vocab)
 
 
 def run_one(impl: str, a) -> dict:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-import typing
 from pathlib import Path
 
 from pydantic import BaseModel

@@ -9,7 +9,8 @@ Checks: the launcher's environment on every rank; the config against the world i
 forming the process group within --timeout; the rank mapping (unique local ranks per host, each
 host a contiguous block of ranks, every tensor-parallel group inside one host); an all-reduce;
 shards present and matching the tokenizer (and the checkpoint, if resuming); free disk for
-checkpoints. Rank 0 prints one report; every rank exits 0 for GO and 1 for NO-GO.
+checkpoints; the device (GPU name, CUDA and NCCL versions on GPU ranks). Rank 0 prints one report;
+every rank exits 0 for GO and 1 for NO-GO.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from datetime import timedelta
 from pathlib import Path
 
 
@@ -28,7 +28,7 @@ def local_checks(args) -> tuple[dict, list[tuple[str, bool, str]], object, objec
     """Checks every rank can do alone. Returns (info, results, env, cfg)."""
     from xft_dist.config import ConfigError, load_config
     from xft_dist.data import DataError
-    from xft_dist.dist import DistEnv, LaunchError
+    from xft_dist.runtime import DistEnv, LaunchError
 
     results, env, cfg = [], None, None
     try:
@@ -41,11 +41,10 @@ def local_checks(args) -> tuple[dict, list[tuple[str, bool, str]], object, objec
     try:
         cfg = load_config(args.config, args.overrides)
         if env is not None:
-            from xft_dist.train.loop import static_checks
+            from xft_dist.runtime.world import accelerator
+            from xft_dist.train.setup import static_checks
 
-            from deepspeed.accelerator import get_accelerator
-
-            dp, _ = static_checks(cfg, env, get_accelerator().device_name())
+            dp, _ = static_checks(cfg, env, accelerator())
             results.append(("config", True, f"tp {cfg.parallel.tp} x dp {dp}, ZeRO {cfg.parallel.zero_stage}, "
                                             f"{cfg.train.precision}"))
     except (ConfigError, DataError) as e:
@@ -87,9 +86,8 @@ def shard_check(cfg) -> tuple[str, bool, str]:
 
 
 def disk_check(cfg) -> tuple[str, bool, str]:
-    from xft_dist.models.flops import estimate_parameters
-
     from xft_dist.data import DataError, Manifest
+    from xft_dist.models.flops import estimate_parameters
 
     m = cfg.model
     try:
@@ -145,25 +143,24 @@ def main(argv=None) -> int:
     if env is None:
         print("doctor: NO-GO\n" + "\n".join(f"  [{'ok' if ok else 'FAIL'}] {n}: {d}" for n, ok, d in results))
         return 1
-    import torch
     import torch.distributed as dist
 
-    from xft_dist.dist.faults import rank_table
+    from xft_dist.parallel import all_gather_object, barrier, reduce_values
+    from xft_dist.runtime.world import device_report, init_world
 
-    env.export()
     rank = env.rank
     try:
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=args.timeout))
-        table = rank_table(env.local_rank)
+        # The trainer's own way in: CUDA device from LOCAL_RANK first, then the process group.
+        world = init_world(env, tp=1, backend=cfg.parallel.backend if cfg is not None else "auto",
+                           timeout_s=args.timeout)
+        table = world.table
         t0 = time.perf_counter()
-        ones = torch.ones(1)
-        dist.all_reduce(ones)
-        ar = ("all-reduce", ones.item() == env.world_size,
-              f"sum {ones.item():g} of {env.world_size} ranks in {1e3 * (time.perf_counter() - t0):.1f} ms")
-        everyone: list = [None] * env.world_size
-        dist.all_gather_object(everyone, results)
+        (total,) = reduce_values([1.0])
+        ar = ("all-reduce", total == env.world_size,
+              f"sum {total:g} of {env.world_size} ranks in {1e3 * (time.perf_counter() - t0):.1f} ms "
+              f"({world.backend} on {world.device})")
+        results.append(("device", True, device_report(world.device)))
+        everyone = all_gather_object(results)
     except Exception as e:  # noqa: BLE001 - report, do not hang
         print(f"doctor: rank {rank}: NO-GO: could not form the process group or all-reduce within "
               f"{args.timeout:g}s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
@@ -184,7 +181,7 @@ def main(argv=None) -> int:
     if rank == 0:
         lines = [f"  [{'ok' if ok else 'FAIL'}] {name}: {detail}" for name, ok, detail in report]
         print("doctor report\n" + "\n".join(lines) + f"\ndoctor: {'GO' if go else 'NO-GO'}", flush=True)
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
     return 0 if go else 1
 

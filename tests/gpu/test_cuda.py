@@ -15,7 +15,7 @@ from xft_dist.nn import Attention, RotaryEmbedding, document_positions, vocab_pa
 
 from ..unit.test_models import _naive
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("docs", [False, True])

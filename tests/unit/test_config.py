@@ -46,7 +46,8 @@ def test_presets_compose_and_validate():
 def test_deepspeed_config_is_derived_and_raw_section_cannot_conflict():
     cfg = load_config(REPO / "configs" / "gpt_125m.yaml")
     ds = deepspeed_config(cfg, dp_size=8)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (16, 4, 512)
+    split = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert split == (16, 4, 512)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
     assert ds["scheduler"]["params"]["total_num_steps"] == 20000
     ok = load_config(REPO / "configs" / "gpt_125m.yaml", ["deepspeed={zero_optimization: {overlap_comm: true}}"])

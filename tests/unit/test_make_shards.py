@@ -63,8 +63,8 @@ def test_byte_shards_from_directories_and_jsonl(inputs, tmp_path):
 
 
 def test_hf_and_sentencepiece_tokenizers(inputs, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     import sentencepiece as spm
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     d, jl = inputs
     corpus = tmp_path / "train.txt"

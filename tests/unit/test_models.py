@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from xft_dist import (AutoregressiveWrapper, Decoder, Encoder, EncoderDecoder, TransformerWrapper)
+from xft_dist import AutoregressiveWrapper, Decoder, Encoder, EncoderDecoder, TransformerWrapper
 from xft_dist.models.flops import model_flops_per_token
 from xft_dist.nn import Attention, RotaryEmbedding, VocabParallelEmbedding, document_positions
 from xft_dist.nn.position import apply_rotary

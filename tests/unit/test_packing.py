@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xft_dist.data.packing import (StreamCursor, chunk_for_span_corruption, pack_stream, pad_rows,
-                                   raw_length_for, segment_positions, span_corruption)
+from xft_dist.data.packing import (
+    StreamCursor,
+    chunk_for_span_corruption,
+    pack_stream,
+    pad_rows,
+    raw_length_for,
+    segment_positions,
+    span_corruption,
+)
 
 EOS, PAD = 1, 0
 CASES = range(40)

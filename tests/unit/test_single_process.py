@@ -9,9 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xft_dist.dist import ParallelGroups, RNGStreams, capture_rng_state, restore_rng_state, seed_all
-from xft_dist.nn import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                         masked_loss_sum, padded_vocab_size, vocab_parallel_cross_entropy)
+from xft_dist.nn import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    masked_loss_sum,
+    padded_vocab_size,
+    vocab_parallel_cross_entropy,
+)
+from xft_dist.parallel import ParallelGroups, RNGStreams, capture_rng_state, restore_rng_state, seed_all
 
 
 def test_unsplit_layers_are_linear_and_embedding():

@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from ..config.load import validate
-from ..dist import ParallelGroups
-from ..train.engine import build_model
+from ..models.factory import build_model
+from ..parallel import ParallelGroups
 
 
 def _read(ckpt: Path):
@@ -31,8 +31,22 @@ def _read(ckpt: Path):
     return cfg, shared
 
 
-def consolidate(ckpt: str | Path) -> dict:
-    """``{"model": full state dict, "config": resolved YAML, "num_tokens", "pad_id", "step"}``."""
+def _tp1(cfg):
+    """The same config at tensor-parallel size 1 (one process holds the whole model)."""
+    return cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": 1})})
+
+
+def read_checkpoint_config(ckpt: str | Path):
+    """(the run config a checkpoint was written with, its shared state)."""
+    return _read(Path(ckpt))
+
+
+def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -> dict:
+    """``{"model": full state dict, "config": resolved YAML, "num_tokens", "pad_id", "step"}``.
+
+    ``reference`` is the TP=1 model of the checkpoint's config (on the meta device is enough), as
+    ``build_run(cfg, upto="model", device="meta")`` makes it; by default it is built here the same way.
+    """
     ckpt = Path(ckpt)
     cfg, shared = _read(ckpt)
     if cfg.parallel.zero_stage == 3:
@@ -44,11 +58,12 @@ def consolidate(ckpt: str | Path) -> dict:
     if missing:
         raise ValueError(f"{ckpt}: missing {missing} for tensor-parallel size {tp}")
     shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
-    with torch.device("meta"):
-        ref = build_model(cfg, ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
-                          pad_id=shared["pad_id"])
+    if reference is None:
+        with torch.device("meta"):
+            reference = build_model(_tp1(cfg), ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
+                                    pad_id=shared["pad_id"])
     full = {}
-    for key, want in ref.state_dict().items():
+    for key, want in reference.state_dict().items():
         parts = [s[key] for s in shards]
         if all(p.shape == want.shape for p in parts):
             full[key] = parts[0].clone()
@@ -65,8 +80,7 @@ def consolidate(ckpt: str | Path) -> dict:
 def load_consolidated(path: str | Path):
     """A single-process model (TP=1) with the weights of ``consolidate``'s output file."""
     data = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = validate(yaml.safe_load(data["config"]))
-    cfg.parallel.tp = 1
+    cfg = _tp1(validate(yaml.safe_load(data["config"])))
     model = build_model(cfg, ParallelGroups.single(), None, num_tokens=data["num_tokens"], pad_id=data["pad_id"])
     model.load_state_dict(data["model"])
     return model

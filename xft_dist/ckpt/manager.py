@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..parallel.comm import barrier
+
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step-(\d{8})$")
 
@@ -59,18 +61,18 @@ class CheckpointManager:
         path = self.root / tag
         if dist.get_rank() == 0 and path.exists():
             shutil.rmtree(path)  # a leftover from a crash at this very step
-        dist.barrier()
+        barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
         torch.save(rank_state, path / f"xft_rank{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             _write_atomic(path / "xft_state.json", json.dumps({"step": step, **shared}))
             _write_atomic(path / "config.yaml", config_text)
-        dist.barrier()  # every rank has written everything
+        barrier()  # every rank has written everything
         if dist.get_rank() == 0:
             _write_atomic(path / MARKER, f"{step}\n")
             _write_atomic(self.root / "latest", tag + "\n")
             self._prune()
-        dist.barrier()
+        barrier()
         return path
 
     def _prune(self) -> None:

@@ -1,7 +1,7 @@
 """Typed run configuration. Unknown keys are errors; every field says what it means.
 
 Sections: ``run``, ``model``, ``parallel``, ``data``, ``train`` (batch, steps, precision, seed),
-``optim``, ``schedule``, ``checkpoint``, ``logging``, and an optional raw ``deepspeed`` section
+``optim``, ``schedule``, ``loss``, ``checkpoint``, ``logging``, and an optional raw ``deepspeed`` section
 merged into the generated DeepSpeed config (a key that conflicts with ours is an error).
 """
 
@@ -56,7 +56,8 @@ class ParallelSection(Section):
 
 class DataSection(Section):
     shards: str = Field(..., description="directory holding manifest.json")
-    mode: Literal["packed", "padded", "span"] = Field("packed", description="packed causal LM rows, one padded document per row, or T5 span corruption")
+    mode: Literal["packed", "padded", "span"] = Field(
+        "packed", description="packed causal LM rows, one padded document per row, or T5 span corruption")
     seq_len: int = Field(256, ge=2, description="tokens per row (decoder length in span mode)")
     enc_len: int = Field(512, ge=4, description="span mode: encoder length")
     num_streams: int = Field(8, ge=1, description="fixed for the run; every DP size must divide it")
@@ -73,7 +74,8 @@ class TrainSection(Section):
     micro_batch: int = Field(1, ge=1, description="sequences per forward pass on one rank")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 is GPU-only")
     seed: int = Field(0, description="weights, data order and dropout derive from it")
-    nonfinite: Literal["stop", "skip"] = Field("stop", description="on a non-finite loss: stop, or skip that micro-batch")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="on a non-finite loss: stop, or skip that micro-batch")
     stop_after: int | None = Field(None, ge=1, description="checkpoint and exit after this step (time-limited jobs)")
 
 
@@ -88,6 +90,14 @@ class OptimSection(Section):
 class ScheduleSection(Section):
     warmup_steps: int = Field(10, ge=0, description="linear warmup, then cosine to min_lr_ratio at train.steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+
+
+class LossSection(Section):
+    label_smoothing: float = Field(
+        0.0, ge=0, le=1, description="label smoothing of the cross-entropy (as F.cross_entropy)")
+    z_loss: float = Field(
+        0.0, ge=0, description="PaLM z-loss coefficient: adds z_loss * logsumexp(logits)**2 per token")
+    ignore_index: int = Field(-100, description="target id that never counts in the loss (padding is masked anyway)")
 
 
 class CheckpointSection(Section):
@@ -114,6 +124,7 @@ class Config(Section):
     train: TrainSection = TrainSection()
     optim: OptimSection = OptimSection()
     schedule: ScheduleSection = ScheduleSection()
+    loss: LossSection = LossSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed keys merged in")

@@ -49,6 +49,14 @@ class LoaderConfig:
     noise_density: float = 0.15
     mean_span: float = 3.0
 
+    @classmethod
+    def from_config(cls, data, train) -> "LoaderConfig":
+        """From a run config's ``data`` and ``train`` sections (``global_rows`` is the global batch)."""
+        return cls(seq_len=data.seq_len, global_rows=train.global_batch, num_streams=data.num_streams,
+                   mode=data.mode, seed=train.seed, shuffle=data.shuffle, num_workers=data.num_workers,
+                   skip_bad=data.skip_bad, enc_len=data.enc_len, noise_density=data.noise_density,
+                   mean_span=data.mean_span)
+
     def __post_init__(self):
         if self.mode not in MODES:
             raise DataError(f"data.mode={self.mode!r}: expected one of {MODES}")
@@ -58,6 +66,14 @@ class LoaderConfig:
         if self.global_rows % self.num_streams:
             raise DataError(f"data.global_rows={self.global_rows} must be a multiple of "
                             f"data.num_streams={self.num_streams}")
+
+
+def num_sentinels(cfg: LoaderConfig) -> int:
+    """Sentinel ids span corruption needs after the tokenizer's vocabulary (0 outside span mode)."""
+    if cfg.mode != "span":
+        return 0
+    raw = raw_length_for(cfg.enc_len, cfg.seq_len, cfg.noise_density, cfg.mean_span)
+    return span_lengths(raw, cfg.noise_density, cfg.mean_span)[1]
 
 
 def _initial_state() -> dict:
@@ -209,9 +225,8 @@ class StreamingLoader:
         if vocab_size is not None:
             self.manifest.check_vocab(vocab_size)
         self.vocab_size = tok_vocab  # ids in shards must be real tokens, whatever the model pads to
+        self.num_sentinels = num_sentinels(cfg)
         if cfg.mode == "span":
-            raw = raw_length_for(cfg.enc_len, cfg.seq_len, cfg.noise_density, cfg.mean_span)
-            self.num_sentinels = span_lengths(raw, cfg.noise_density, cfg.mean_span)[1]
             if vocab_size is not None and vocab_size < tok_vocab + self.num_sentinels:
                 raise DataError(f"span corruption needs {self.num_sentinels} sentinel ids after the "
                                 f"tokenizer's {tok_vocab}: model vocab_size {vocab_size} < {tok_vocab + self.num_sentinels}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dist import ParallelGroups, RNGStreams
 from ..nn import VocabParallelEmbedding
+from ..parallel import ParallelGroups, RNGStreams
 from .layers import Decoder, Encoder
-from .wrappers import AutoregressiveWrapper, TransformerWrapper
+from .wrappers import IGNORE, AutoregressiveWrapper, TransformerWrapper
 
 
 class EncoderDecoder(nn.Module):
@@ -16,7 +16,13 @@ class EncoderDecoder(nn.Module):
     cross-attention over the encoder output. One ``VocabParallelEmbedding`` of width ``dim`` feeds
     both towers (projected up/down when ``enc_dim`` differs) and is the decoder's output head.
 
-    ``layer_kwargs`` go to both stacks (e.g. ``ff_glu``, ``attn_dropout``, ``activation_checkpointing``).
+    ``layer_kwargs`` go to both stacks (e.g. ``ff_glu``, ``attn_dropout``, ``activation_checkpointing``);
+    ``loss_kwargs`` to the decoder's ``AutoregressiveWrapper`` (``label_smoothing``, ``z_loss``,
+    ``ignore_index``).
+
+    The trainer's path: ``model(batch)`` with a span-corruption loader batch (``src``, ``src_mask``,
+    ``tgt``, ``tgt_mask``) returns ``(loss_sum, num_tokens)``; ``token_counts(batch)`` gives the
+    same ``num_tokens`` without a forward pass.
     """
 
     def __init__(
@@ -35,6 +41,7 @@ class EncoderDecoder(nn.Module):
         pad_to_multiple_of: int = 1,
         groups: ParallelGroups | None = None,
         rng: RNGStreams | None = None,
+        loss_kwargs: dict | None = None,
         **layer_kwargs,
     ):
         super().__init__()
@@ -54,14 +61,26 @@ class EncoderDecoder(nn.Module):
             attn_layers=Decoder(dim, dec_depth, heads, cross_attend=True, cross_attn_dim_context=enc_dim,
                                 groups=groups, rng=rng, **layer_kwargs),
         )
-        self.decoder = AutoregressiveWrapper(decoder, pad_value=pad_value)
+        self.decoder = AutoregressiveWrapper(decoder, pad_value=pad_value, **(loss_kwargs or {}))
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder(src, mask=src_mask, return_embeddings=True)
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: torch.Tensor | None = None,
-                tgt_mask: torch.Tensor | None = None, return_sums: bool = False):
-        """Next-token loss of ``tgt`` given ``src``; masks default to ``token != pad_value``."""
+    def token_counts(self, batch: dict) -> torch.Tensor:
+        """``[decoder positions, real decoder positions, loss tokens]`` of a span batch (float64)."""
+        tgt, tgt_mask = batch["tgt"], batch["tgt_mask"]
+        counted = self.decoder.targets(tgt[:, 1:], tgt_mask[:, 1:]) != IGNORE
+        return torch.stack([torch.tensor(float(tgt_mask.numel()), dtype=torch.float64, device=tgt.device),
+                            tgt_mask.sum().to(torch.float64), counted.sum().to(torch.float64)])
+
+    def forward(self, src: torch.Tensor | dict, tgt: torch.Tensor | None = None, *,
+                src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None,
+                return_sums: bool = False):
+        """Next-token loss of ``tgt`` given ``src``; masks default to ``token != pad_value``.
+        A dict ``src`` is a loader batch: the result is ``(loss_sum, num_tokens)``."""
+        if isinstance(src, dict):
+            src, tgt, src_mask, tgt_mask = src["src"], src["tgt"], src["src_mask"], src["tgt_mask"]
+            return_sums = True
         if src_mask is None:
             src_mask = src != self.pad_value
         if tgt_mask is None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dist import ParallelGroups, RNGStreams
 from ..nn import Attention, FeedForward, RotaryEmbedding, checkpoint, document_positions, make_norm
+from ..parallel import ParallelGroups, RNGStreams
 
 
 class Block(nn.Module):
@@ -45,7 +45,7 @@ class AttentionLayers(nn.Module):
     """``depth`` pre-norm blocks and a final norm, tensor-parallel over ``groups.tp_group``.
 
     ``activation_checkpointing``: 0 off, 1 every layer, k every k-th layer (layers 0, k, 2k, ...).
-    ``rng`` (from ``xft_dist.dist.seed_all``) is required for dropout at TP > 1.
+    ``rng`` (from ``xft_dist.parallel.seed_all``) is required for dropout at TP > 1.
     """
 
     def __init__(

@@ -12,8 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import (AbsolutePositionalEmbedding, ColumnParallelLinear, VocabParallelEmbedding,
-                  document_positions, masked_loss_sum, vocab_parallel_cross_entropy)
+from ..nn import (
+    AbsolutePositionalEmbedding,
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    document_positions,
+    masked_loss_sum,
+    vocab_parallel_cross_entropy,
+)
 from .layers import AttentionLayers
 
 IGNORE = -100  # internal ignore index for targets that must not count
@@ -128,14 +134,21 @@ class AutoregressiveWrapper(nn.Module):
     Targets equal to ``pad_value`` or ``ignore_index``, or where ``mask[:, 1:]`` is False, never
     count; the mean is over the remaining (real) tokens. ``mask_pad=False`` trains on pad tokens
     (when pad doubles as a real token such as EOS); a one-time warning says so when it happens.
+    ``label_smoothing`` and ``z_loss`` are those of ``vocab_parallel_cross_entropy``.
+
+    The trainer's path: ``model(batch)`` with a packed / padded loader batch (a dict with
+    ``input_ids``, ``labels``, ``loss_mask``, ``mask``, ``doc_ids``, ``positions``) returns
+    ``(loss_sum, num_tokens)``; ``token_counts(batch)`` gives the same ``num_tokens`` without a
+    forward pass.
     """
 
     def __init__(self, net: TransformerWrapper, *, pad_value: int | None = 0, ignore_index: int = -100,
-                 mask_pad: bool = True):
+                 mask_pad: bool = True, label_smoothing: float = 0.0, z_loss: float = 0.0):
         super().__init__()
         if net.head is None:
             raise ValueError("AutoregressiveWrapper needs a net with an output head (not return_only_embed)")
         self.net, self.pad_value, self.ignore_index, self.mask_pad = net, pad_value, ignore_index, mask_pad
+        self.label_smoothing, self.z_loss = label_smoothing, z_loss
         self._warned = False
 
     def targets(self, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,12 +166,39 @@ class AutoregressiveWrapper(nn.Module):
             drop = drop | ~mask.bool()
         return target.masked_fill(drop, IGNORE)
 
-    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None,
+    def loss_sums(self, logits: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None):
+        """``(loss_sum, num_tokens)`` of vocab-parallel ``logits`` against ``target`` (IGNORE never counts)."""
+        losses = vocab_parallel_cross_entropy(logits, target, group=self.net.groups.tp_group,
+                                              vocab_size=self.net.num_tokens, ignore_index=IGNORE,
+                                              label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+        return masked_loss_sum(losses, target, ignore_index=IGNORE, loss_mask=loss_mask)
+
+    # -- the trainer's path: a loader batch ------------------------------------------------------
+    def _batch_targets(self, batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        return labels.masked_fill(labels == self.ignore_index, IGNORE)
+
+    def token_counts(self, batch: dict) -> torch.Tensor:
+        """``[positions, real positions, loss tokens]`` of a loader batch (float64, on its device)."""
+        weight = batch["loss_mask"].to(torch.float64) * (self._batch_targets(batch) != IGNORE)
+        mask = batch["mask"]
+        return torch.stack([torch.tensor(float(mask.numel()), dtype=torch.float64, device=mask.device),
+                            mask.sum().to(torch.float64), weight.sum()])
+
+    def _batch_forward(self, batch: dict):
+        logits = self.net(batch["input_ids"], mask=batch["mask"], doc_ids=batch.get("doc_ids"),
+                          positions=batch.get("positions"))
+        return self.loss_sums(logits, self._batch_targets(batch), batch["loss_mask"])
+
+    def forward(self, x: torch.Tensor | dict, *, mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 return_sums: bool = False, **kwargs):
         """Mean next-token loss over real tokens, or ``(loss_sum, num_tokens)`` with ``return_sums``
         (sum those over micro-batches and DP ranks, then divide once). ``kwargs`` go to the net
-        (``context=``, ``context_mask=``, ``positions=``)."""
+        (``context=``, ``context_mask=``, ``positions=``). A dict ``x`` is a loader batch: the
+        result is ``(loss_sum, num_tokens)``."""
+        if isinstance(x, dict):
+            return self._batch_forward(x)
         inp, target = x[:, :-1], x[:, 1:]
         inp_mask = mask[:, :-1] if mask is not None else None
         doc = doc_ids[:, :-1] if doc_ids is not None else None
@@ -171,11 +211,8 @@ class AutoregressiveWrapper(nn.Module):
         if "positions" in kwargs and kwargs["positions"] is not None:
             kwargs["positions"] = kwargs["positions"][:, :-1]
         logits = self.net(inp, mask=inp_mask, doc_ids=doc, **kwargs)
-        target = self.targets(target, mask)
-        losses = vocab_parallel_cross_entropy(logits, target, group=self.net.groups.tp_group,
-                                              vocab_size=self.net.num_tokens, ignore_index=IGNORE)
-        loss_sum, num_tokens = masked_loss_sum(losses, target, ignore_index=IGNORE,
-                                               loss_mask=loss_mask[:, 1:] if loss_mask is not None else None)
+        loss_sum, num_tokens = self.loss_sums(logits, self.targets(target, mask),
+                                              loss_mask[:, 1:] if loss_mask is not None else None)
         if return_sums:
             return loss_sum, num_tokens
         return loss_sum / num_tokens.clamp(min=1.0)

@@ -15,8 +15,7 @@ from .attention import Attention, attention_mask  # noqa: E402
 from .checkpoint import checkpoint  # noqa: E402
 from .mlp import FeedForward  # noqa: E402
 from .norm import make_norm  # noqa: E402
-from .position import (AbsolutePositionalEmbedding, RotaryEmbedding, apply_rotary,  # noqa: E402
-                       document_positions)
+from .position import AbsolutePositionalEmbedding, RotaryEmbedding, apply_rotary, document_positions  # noqa: E402
 
 __all__ += ["Attention", "attention_mask", "checkpoint", "FeedForward", "make_norm",
             "AbsolutePositionalEmbedding", "RotaryEmbedding", "apply_rotary", "document_positions"]

@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..dist import RNGStreams, group_size
+from ..parallel import RNGStreams, group_size
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import fork, split_region_rng
 from .position import apply_rotary, document_starts

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch.utils.checkpoint
 
-from ..dist import RNGStreams
+from ..parallel import RNGStreams
 
 
 def checkpoint(fn: Callable[..., Any], *args, rng: RNGStreams | None = None, **kwargs) -> Any:

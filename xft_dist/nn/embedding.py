@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..dist import copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp
+from ..parallel import copy_to_tp, gather_from_tp, group_rank, group_size, reduce_from_tp
 from .sharding import InitMethod, normal_init, sharded_parameter
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..dist import copy_to_tp, gather_from_tp, group_size, reduce_from_tp, scatter_to_tp
+from ..parallel import copy_to_tp, gather_from_tp, group_size, reduce_from_tp, scatter_to_tp
 from .sharding import InitMethod, divide, normal_init, sharded_parameter
 
 

@@ -14,16 +14,9 @@ two small all-reduces of ``[...]``-shaped tensors.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from ..dist import group_rank, group_size
-
-
-def _all_reduce(x: torch.Tensor, group: ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+from ..parallel.comm import all_reduce, group_rank, group_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -37,7 +30,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             row_max = logits[..., :n_real].amax(dim=-1).float()
         else:
             row_max = logits.new_full(logits.shape[:-1], float("-inf"), dtype=torch.float32)
-        _all_reduce(row_max, group, dist.ReduceOp.MAX)
+        row_max = all_reduce(row_max, group, op="max")
 
         # The one fp32 buffer of the vocab shard (a copy, never the caller's tensor): shifted
         # logits, then exps, then softmax, then (in backward) the gradient, all in place.
@@ -55,7 +48,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             stats.append(shifted[..., :n_real].sum(dim=-1))
         exps = shifted.exp_()
         stats.append(exps.sum(dim=-1))
-        stats = _all_reduce(torch.stack(stats), group)  # one collective for all per-token sums
+        stats = all_reduce(torch.stack(stats), group)  # one collective for all per-token sums
         target_logit, sum_exp = stats[0], stats[-1]
 
         log_z = sum_exp.log()  # lse - row_max

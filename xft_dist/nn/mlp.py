@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..dist import RNGStreams, group_size
+from ..parallel import RNGStreams, group_size
 from .linear import ColumnParallelLinear, RowParallelLinear
 
 
@@ -17,7 +17,7 @@ def split_region_rng(rng: RNGStreams | None, group: ProcessGroup | None, dropout
     """Check that dropout inside a TP-split region has a TP-distinct RNG stream to draw from."""
     if dropout > 0 and group_size(group) > 1 and rng is None:
         raise ValueError(f"{what}: dropout={dropout} at tensor-parallel size {group_size(group)} needs "
-                         "rng=xft_dist.dist.seed_all(seed, tp_rank=...) so each TP rank drops its own units")
+                         "rng=xft_dist.parallel.seed_all(seed, tp_rank=...) so each TP rank drops its own units")
     return rng
 
 

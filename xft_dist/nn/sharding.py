@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..dist import group_rank, group_size
+from ..parallel import group_rank, group_size
 
 InitMethod = Callable[[torch.Tensor], object]
 

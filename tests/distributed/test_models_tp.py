@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from xft_dist import AutoregressiveWrapper, Decoder, EncoderDecoder, TransformerWrapper
-from xft_dist.dist import ParallelGroups, capture_rng_state, restore_rng_state, seed_all
+from xft_dist.parallel import ParallelGroups, capture_rng_state, restore_rng_state, seed_all
 
 from .common import assert_close, tp_shard
 from .harness import CheckSet

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from xft_dist.dist import ParallelGroups
 from xft_dist.nn import is_tensor_parallel
+from xft_dist.parallel import ParallelGroups
 
 from .common import TinyLM, assert_close, tp_shard
 from .harness import CheckSet

@@ -5,7 +5,6 @@ torchrun gives bit-identical losses to an uninterrupted one; SIGUSR1 checkpoints
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ..helpers import REPO, cpu_rank_env, free_port, stdlib_shards
 from ..wandb_file import history, run_ids
-from ..helpers import stdlib_shards
-from .harness import REPO, free_port
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BIN = Path(sys.executable).parent
 
 
@@ -42,8 +40,7 @@ def work(tmp_path_factory):
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    return cpu_rank_env()
 
 
 def _deepspeed(work, *overrides):

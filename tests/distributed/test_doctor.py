@@ -4,7 +4,6 @@ shard, contradicting launcher variables."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import make_corpus
-from .harness import REPO, free_port
+from ..helpers import REPO, cpu_rank_env, free_port, make_corpus
 
 BIN = Path(sys.executable).parent
 DOCTOR = str(REPO / "tools" / "doctor.py")
@@ -25,13 +23,13 @@ def cfg(tmp_path_factory):
     make_corpus(root / "shards", num_docs=40, shard_tokens=300)
     path = root / "cfg.yaml"
     path.write_text(json.dumps({"data": {"shards": str(root / "shards"), "num_streams": 2},
-                                "train": {"global_batch": 4, "micro_batch": 2}, "run": {"out_dir": str(root / "runs")}}))
+                                "train": {"global_batch": 4, "micro_batch": 2},
+                                "run": {"out_dir": str(root / "runs")}}))
     return path
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **extra}
+    return cpu_rank_env(clean=True, **extra)
 
 
 def test_healthy_layout_is_go(cfg):

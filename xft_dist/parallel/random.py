@@ -22,7 +22,9 @@ _TP_SEED_OFFSET = 2718
 
 
 def _cuda_ready() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
+    # Whether or not CUDA was initialised yet: a stream created before the first CUDA op must still
+    # carry a CUDA state, or dropout in TP regions would draw the same mask on every TP rank.
+    return torch.cuda.is_available()
 
 
 def _current_states() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,7 +116,7 @@ def restore_rng_state(state: dict[str, Any], streams: RNGStreams | None = None) 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch_cpu"])
-    if state["torch_cuda"] is not None and torch.cuda.is_available():
+    if state["torch_cuda"] is not None and _cuda_ready():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
     if state["streams"] is not None:
         if streams is None:

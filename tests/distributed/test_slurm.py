@@ -6,18 +6,15 @@ uninterrupted run's. The test starts and stops every daemon it needs."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from ..helpers import stdlib_shards
 from .. import slurm_cluster
-from .harness import REPO
+from ..helpers import REPO, stdlib_shards
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(900)]
 STEPS = 100
 
 
@@ -90,4 +87,5 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, work, straight)
     assert cluster.restarts(job) >= 1
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "steps repeated or skipped across the requeue"
-    assert [r["loss"] for r in rows] == _losses(work, "straight"), "the resumed job's losses differ from the uninterrupted run"
+    assert [r["loss"] for r in rows] == _losses(work, "straight"), \
+        "the resumed job's losses differ from the uninterrupted run"

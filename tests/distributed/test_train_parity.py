@@ -16,6 +16,7 @@ import torch
 
 from .harness import CheckSet
 
+pytestmark = pytest.mark.slow
 STEPS, GLOBAL = 5, 8
 KINDS = ("decoder", "encoder_decoder")
 
@@ -30,34 +31,25 @@ def _config(kind: str, tp: int, zero: int, micro: int):
         data.update(mode="span", enc_len=32)
     return validate({"model": model, "data": data, "parallel": {"tp": tp, "zero_stage": zero},
                      "train": {"steps": 100, "global_batch": GLOBAL, "micro_batch": micro, "seed": 0},
-                     "optim": {"lr": 3e-3, "grad_clip": 0.5}, "schedule": {"warmup_steps": 2}})
+                     "optim": {"lr": 3e-3, "grad_clip": 0.5}, "schedule": {"warmup_steps": 2},
+                     "run": {"out_dir": os.environ["XFT_PARITY_DIR"], "name": f"{kind}-tp{tp}-z{zero}-m{micro}"},
+                     "checkpoint": {"resume": False}, "logging": {"wandb": "disabled", "progress_bar": False}})
 
 
 def _losses(kind: str, tp: int, zero: int, accumulate: bool) -> list[float]:
-    import deepspeed
     import torch.distributed as dist
 
-    from xft_dist.data import LoaderConfig, Manifest, StreamingLoader
-    from xft_dist.dist import ParallelGroups, seed_all
-    from xft_dist.train.engine import build_model, initialize
+    from xft_dist.train.setup import build_run
     from xft_dist.train.step import train_step
 
-    deepspeed.init_distributed("gloo")
     dp = dist.get_world_size() // tp
     micro = GLOBAL // dp // (4 if accumulate else 1)
-    cfg = _config(kind, tp, zero, micro)
-    groups = ParallelGroups.build(tp_size=tp)
-    streams = seed_all(0, tp_rank=groups.tp_rank)
-    manifest = Manifest.load(cfg.data.shards)
-    lcfg = LoaderConfig(seq_len=cfg.data.seq_len, global_rows=GLOBAL, num_streams=4, mode=cfg.data.mode,
-                        enc_len=cfg.data.enc_len)
-    loader = StreamingLoader(manifest, lcfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
-    num_tokens = 259 + getattr(loader, "num_sentinels", 0)
-    engine = initialize(cfg, build_model(cfg, groups, streams, num_tokens=num_tokens, pad_id=0), groups)
-    batches = iter(loader)
-    out = [train_step(engine, next(batches), kind=kind, groups=groups, micro_batch=micro, pad_id=0,
-                      step=i).loss for i in range(STEPS)]
-    engine.destroy()
+    run = build_run(_config(kind, tp, zero, micro))  # the trainer's own wiring, in this launched world
+    batches = iter(run.loader)
+    out = [train_step(run.engine, next(batches), groups=run.groups, micro_batch=micro, step=i).loss
+           for i in range(STEPS)]
+    run.sinks.finish()
+    run.engine.destroy()
     return out
 
 

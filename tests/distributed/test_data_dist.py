@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from xft_dist.data import LoaderConfig, StreamingLoader
-from xft_dist.dist import ParallelGroups
+from xft_dist.parallel import ParallelGroups
 
 from ..helpers import make_corpus
 from .harness import CheckSet

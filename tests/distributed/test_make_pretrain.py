@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from .harness import REPO
+from ..helpers import REPO
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_make_pretrain_trains_the_default_and_says_where_everything_is(tmp_path):

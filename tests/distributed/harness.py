@@ -28,37 +28,23 @@ that reason. No process outlives ``run``.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..helpers import cpu_rank_env, free_port
 
 
 def child_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """Variables a rank sees, as the deepspeed launcher or torchrun would set them."""
-    return {
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "RANK": str(rank), "WORLD_SIZE": str(world_size),
-        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
-        "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-        # DeepSpeed JIT-builds a C++ op on first init; keep the build cached in the repo.
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                               str(REPO / ".cache" / "torch_extensions")),
-    }
+    env = cpu_rank_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    return {k: v for k, v in env.items() if os.environ.get(k) != v}
 
 
 def _worker(rank, world_size, port, checks, results, collective_timeout_s):

@@ -8,12 +8,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from xft_dist.dist import (ParallelGroups, capture_rng_state, copy_to_tp, gather_from_tp,
-                           reduce_from_tp, restore_rng_state, scatter_to_tp, seed_all)
-from xft_dist.nn import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                         masked_loss_sum, vocab_parallel_cross_entropy)
+from xft_dist.nn import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    masked_loss_sum,
+    vocab_parallel_cross_entropy,
+)
+from xft_dist.parallel import (
+    ParallelGroups,
+    capture_rng_state,
+    copy_to_tp,
+    gather_from_tp,
+    reduce_from_tp,
+    restore_rng_state,
+    scatter_to_tp,
+    seed_all,
+)
 
-from .common import TinyLM, TPMLP, assert_close, tp_shard
+from .common import TPMLP, TinyLM, assert_close, tp_shard
 from .harness import CheckSet
 
 TP2 = CheckSet(world_size=2)

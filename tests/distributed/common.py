@@ -6,9 +6,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xft_dist.dist import ParallelGroups
-from xft_dist.nn import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                         masked_loss_sum, vocab_parallel_cross_entropy)
+from xft_dist.nn import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    masked_loss_sum,
+    vocab_parallel_cross_entropy,
+)
+from xft_dist.parallel import ParallelGroups
 
 
 class TPMLP(nn.Module):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ..parallel.comm import all_gather_object
+
 _PEER = re.compile(r"\[([0-9a-fA-F:.]+)\]:(\d+)")
 
 
@@ -44,9 +46,7 @@ def rank_table(local_rank: int) -> list[RankInfo]:
     me = RankInfo(dist.get_rank(), local_rank, socket.gethostname(),
                   local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0))),
                   os.getpid())
-    table: list = [None] * dist.get_world_size()
-    dist.all_gather_object(table, me)
-    return table
+    return all_gather_object(me)
 
 
 def is_comm_error(exc: BaseException) -> bool:

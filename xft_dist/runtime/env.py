@@ -21,6 +21,11 @@ class DistEnv:
     launcher: str  # "deepspeed/torchrun", "slurm" or "single"
 
     @classmethod
+    def single(cls) -> "DistEnv":
+        """One process, no launcher (tools that build a model without a world)."""
+        return cls(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0, launcher="single")
+
+    @classmethod
     def from_environ(cls, env=None, *, local_rank_arg: int | None = None) -> "DistEnv":
         env = os.environ if env is None else env
 

@@ -1,0 +1,29 @@
+"""Tensor x data parallelism: process groups, every collective (``comm``), and RNG streams."""
+
+from .comm import (
+                   all_gather,
+                   all_gather_object,
+                   all_reduce,
+                   any_rank,
+                   barrier,
+                   broadcast,
+                   copy_to_tp,
+                   gather_from_tp,
+                   group_device,
+                   group_rank,
+                   group_size,
+                   reduce_from_tp,
+                   reduce_scatter,
+                   reduce_values,
+                   scatter_to_tp,
+)
+from .groups import DeepSpeedMPU, ParallelGroups
+from .random import TP_STREAM, RNGStreams, capture_rng_state, restore_rng_state, seed_all
+
+__all__ = [
+    "ParallelGroups", "DeepSpeedMPU",
+    "copy_to_tp", "reduce_from_tp", "scatter_to_tp", "gather_from_tp", "group_size", "group_rank",
+    "group_device", "all_reduce", "all_gather", "all_gather_object", "reduce_scatter", "broadcast",
+    "barrier", "reduce_values", "any_rank",
+    "RNGStreams", "TP_STREAM", "seed_all", "capture_rng_state", "restore_rng_state",
+]

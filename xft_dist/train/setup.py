@@ -1,0 +1,165 @@
+"""``build_run(cfg, env) -> Run``: the one wiring of a run, used by the training loop, the doctor
+(its world stage), checkpoint conversion and export, the benchmark and the parity tests.
+
+Stages, each including the ones before (``upto=``):
+
+    "model"   vocabulary facts, RNG streams and the model (no process group needed for one process)
+    "engine"  + the distributed world (CUDA device, process group, TP x DP groups) and DeepSpeed
+    "train"   + the loader, the checkpoint manager (resumed from the newest complete checkpoint),
+              the run directory and the metric sinks
+
+Static checks (world size vs TP, batch arithmetic, precision, streams vs DP, shards present) run
+before the process group exists, so a bad config exits every rank with the same message and nobody
+waits on a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..ckpt import CheckpointManager
+from ..config import Config, ConfigError, batch_split, check_precision, dump_config
+from ..data import DataError, LoaderConfig, Manifest, StreamingLoader, num_sentinels
+from ..models.factory import build_model
+from ..obs import MetricSinks
+from ..parallel import ParallelGroups, RNGStreams, restore_rng_state, seed_all
+from ..runtime import DistEnv
+from ..runtime.world import World, accelerator, init_world, rank_device
+
+log = logging.getLogger("xft_dist.train")
+STAGES = ("model", "engine", "train")
+
+
+@dataclass(frozen=True)
+class VocabFacts:
+    num_tokens: int       # the model's vocabulary: tokenizer + span sentinels, unless model.num_tokens
+    pad_id: int
+    tokenizer_vocab: int
+    num_sentinels: int
+
+
+def vocab_facts(cfg: Config, manifest: Manifest) -> VocabFacts:
+    tok = manifest.tokenizer
+    sentinels = num_sentinels(LoaderConfig.from_config(cfg.data, cfg.train))
+    num_tokens = cfg.model.num_tokens or tok["vocab_size"] + sentinels
+    return VocabFacts(num_tokens=num_tokens, pad_id=tok["pad_id"], tokenizer_vocab=tok["vocab_size"],
+                      num_sentinels=sentinels)
+
+
+def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Manifest]:
+    """(data-parallel size, manifest), or a ``ConfigError`` naming the key."""
+    tp = cfg.parallel.tp
+    if env.world_size % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide the world size {env.world_size} "
+                          f"(launcher: {env.launcher})")
+    dp = env.world_size // tp
+    batch_split(cfg, dp)
+    check_precision(cfg, device)
+    if cfg.data.num_streams % dp:
+        raise ConfigError(f"data.num_streams={cfg.data.num_streams} must be divisible by the data-parallel "
+                          f"size {dp} (world {env.world_size} / tp {tp})")
+    if cfg.train.global_batch % cfg.data.num_streams:
+        raise ConfigError(f"train.global_batch={cfg.train.global_batch} must be a multiple of "
+                          f"data.num_streams={cfg.data.num_streams}")
+    try:
+        manifest = Manifest.load(cfg.data.shards)
+    except DataError as e:
+        raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from None
+    if cfg.model.num_tokens is not None:
+        manifest.check_vocab(cfg.model.num_tokens)
+    return dp, manifest
+
+
+@dataclass
+class Run:
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    groups: ParallelGroups
+    streams: RNGStreams | None
+    vocab: VocabFacts
+    model: torch.nn.Module
+    world: World | None = None
+    engine: object | None = None
+    loader: StreamingLoader | None = None
+    ckpt: CheckpointManager | None = None
+    sinks: MetricSinks | None = None
+    run_dir: Path | None = None
+    config_text: str = ""
+    step: int = 0                                   # the step resumed from (0 for a fresh run)
+    resumed_from: Path | None = None
+
+    @property
+    def rank0(self) -> bool:
+        return self.groups.rank == 0
+
+
+def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", vocab: VocabFacts | None = None,
+              device: torch.device | str | None = None) -> Run:
+    """Build the run up to stage ``upto`` (see the module doc).
+
+    ``vocab`` replaces the facts read from the shards' manifest (conversion and benchmarks that have
+    no shards). ``device="meta"`` builds a ``"model"`` stage without allocating weights.
+    """
+    if upto not in STAGES:
+        raise ValueError(f"upto={upto!r}: expected one of {STAGES}")
+    env = env or DistEnv.from_environ()
+    kind = accelerator() if upto != "model" else ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest = None
+    if upto == "train" or vocab is None:
+        _, manifest = static_checks(cfg, env, kind)
+    vocab = vocab or vocab_facts(cfg, manifest)
+
+    world = None
+    if upto != "model" or env.world_size > 1:
+        world = init_world(env, tp=cfg.parallel.tp, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s,
+                           device=rank_device(env, kind))
+        groups, run_device = world.groups, world.device
+    else:
+        if cfg.parallel.tp != 1:
+            raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs {cfg.parallel.tp} ranks; one process builds TP=1")
+        groups, run_device = ParallelGroups.single(), torch.device(device or rank_device(env, kind))
+    streams = seed_all(cfg.train.seed, tp_rank=groups.tp_rank)
+    with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
+        model = build_model(cfg, groups, streams, num_tokens=vocab.num_tokens, pad_id=vocab.pad_id)
+    run = Run(cfg=cfg, env=env, device=run_device, groups=groups, streams=streams, vocab=vocab, model=model,
+              world=world)
+    if upto == "model":
+        return run
+    from .engine import initialize
+
+    run.engine = initialize(cfg, model, groups)
+    if upto == "engine":
+        return run
+    _attach_training(run, manifest)
+    return run
+
+
+def _attach_training(run: Run, manifest: Manifest) -> None:
+    """Loader, run directory, checkpoints (resumed if any) and metric sinks."""
+    cfg, groups = run.cfg, run.groups
+    run.loader = StreamingLoader(manifest, LoaderConfig.from_config(cfg.data, cfg.train), dp_rank=groups.dp_rank,
+                                 dp_size=groups.dp_size, vocab_size=run.vocab.num_tokens)
+    run.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run.config_text = dump_config(cfg)
+    if run.rank0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(run.config_text)
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run.run_dir / "checkpoints"
+    run.ckpt = CheckpointManager(ckpt_dir, keep=cfg.checkpoint.keep)
+    run_id = None
+    latest = run.ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        rank_state, shared = run.ckpt.load(run.engine, latest)
+        run.step, run_id, run.resumed_from = shared["step"], shared.get("wandb_run_id"), latest
+        run.loader.load_state_dict(shared["loader"])
+        restore_rng_state(rank_state["rng"], run.streams)
+        if run.rank0:
+            log.info("resumed from %s at step %d", latest, run.step)
+    run.sinks = MetricSinks(run.run_dir, mode=cfg.logging.wandb, project=cfg.logging.project, name=cfg.run.name,
+                            run_id=run_id, config=cfg.model_dump(mode="json"), enabled=run.rank0)
