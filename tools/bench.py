@@ -4,6 +4,7 @@
     python tools/bench.py                         # tiny CPU-friendly shape
     python tools/bench.py --dim 768 --depth 12 --heads 12 --seq 1024 --batch 8 --dtype bf16   # on a GPU
     python tools/bench.py --mode data [--shards DIR]   # raw webdataset read vs the packed loader
+    python tools/bench.py --mode converge --dim 192 --depth 4 --heads 6 --lr 2e-3   # loss curves, same batches
 
 Each implementation runs in its own subprocess (so peak memory is its own): ``warmup`` steps, then
 ``steps`` timed steps of forward + next-token loss + backward + AdamW. Prints tokens/s, step time,
@@ -28,7 +29,7 @@ IMPLS = ("xft", "x-transformers")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["model", "data"], default="model")
+    p.add_argument("--mode", choices=["model", "data", "converge"], default="model")
     p.add_argument("--shards", help="data mode: a shard directory (default: a synthetic corpus in a temp dir)")
     p.add_argument("--workers", type=int, default=1, help="data mode: DataLoader workers of the packed loader")
     p.add_argument("--data-tokens", type=int, default=4_000_000, help="data mode: tokens to read per side")
@@ -46,18 +47,29 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="hardware peak for MFU (0: known GPUs only)")
+    p.add_argument("--lr", type=float, default=2e-3, help="converge mode: peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="converge mode: AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=20, help="converge mode: linear warmup, then cosine")
+    p.add_argument("--init", default=None, help="converge mode: xft_dist init scheme (default: the schema's)")
+    p.add_argument("--tie", action="store_true", help="converge mode: tie embedding and head on both sides")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)  # internal: run one, print JSON
+    p.add_argument("--batches", help=argparse.SUPPRESS)  # internal: converge mode's batch file
     return p.parse_args(argv)
 
 
 def build(impl: str, a):
 
     if impl == "xft":
-        model = xft_run(a).model  # the trainer's own wiring: an AutoregressiveWrapper
+        extra = {"tie_embedding": a.tie}
+        if a.init:
+            extra["init"] = a.init
+        model = xft_run(a, **extra).model  # the trainer's own wiring: an AutoregressiveWrapper
         return model.net, model
     import x_transformers as xt
 
     net = xt.TransformerWrapper(num_tokens=a.vocab, max_seq_len=a.seq, use_abs_pos_emb=False,
+                                tie_embedding=a.tie,
                                 attn_layers=xt.Decoder(dim=a.dim, depth=a.depth, heads=a.heads,
                                                        attn_dim_head=a.dim_head, ff_mult=a.ff_mult,
                                                        rotary_pos_emb=True, attn_flash=True))
@@ -72,7 +84,8 @@ def xft_run(a, **model_overrides):
 
     model = {"dim": a.dim, "depth": a.depth, "heads": a.heads, "dim_head": a.dim_head, "ff_mult": a.ff_mult,
              "num_tokens": a.vocab, **model_overrides}
-    cfg = validate({"model": model, "data": {"shards": "unused", "seq_len": a.seq}}, "tools/bench.py")
+    cfg = validate({"model": model, "data": {"shards": "unused", "seq_len": a.seq}, "train": {"seed": a.seed}},
+                   "tools/bench.py")
     vocab = VocabFacts(num_tokens=a.vocab, pad_id=0, tokenizer_vocab=a.vocab, num_sentinels=0)
     return build_run(cfg, DistEnv.single(), upto="model", vocab=vocab)
 
@@ -83,7 +96,7 @@ def run_one(impl: str, a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     net, model = build(impl, a)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -205,6 +218,13 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.mode == "data":
         return bench_data(a)
+    if a.mode == "converge":
+        from bench_converge import converge, train_curve  # tools/bench_converge.py
+
+        if a.impl:
+            print(json.dumps(train_curve(a.impl, a, build)))
+            return 0
+        return converge(a, argv if argv is not None else sys.argv[1:])
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
         return 0

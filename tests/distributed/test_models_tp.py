@@ -52,6 +52,20 @@ def decoder_lm_tp2_matches_tp1():
 
 
 @TP2.check
+def every_init_scheme_draws_the_same_weights_at_tp1_and_tp2():
+    from xft_dist.config.choices import INIT_SCHEMES
+
+    g = ParallelGroups.build(tp_size=2)
+    for scheme in INIT_SCHEMES:
+        torch.manual_seed(3)
+        ref = _decoder_lm(init=scheme)
+        torch.manual_seed(3)
+        tp = _decoder_lm(g, init=scheme)
+        for (name, p_ref), (_, p_tp) in zip(ref.named_parameters(), tp.named_parameters()):
+            assert_close(p_tp.detach(), tp_shard(p_ref.detach(), p_tp, g), f"init={scheme}: {name}", rtol=0, atol=0)
+
+
+@TP2.check
 def encoder_decoder_shared_embedding_wider_context_tp2():
     g = ParallelGroups.build(tp_size=2)
     kw = dict(num_tokens=VOCAB, dim=32, enc_dim=64, enc_depth=2, dec_depth=2, heads=4, attn_dim_head=8,

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .choices import DEFAULT_INIT
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -41,6 +43,11 @@ class ModelSection(Section):
     activation_checkpointing: int = Field(0, ge=0, description="0 off, 1 every layer, k every k-th layer")
     enc_depth: int = Field(4, ge=1, description="encoder_decoder: encoder layers")
     enc_dim: int | None = Field(None, ge=1, description="encoder_decoder: encoder width (default dim)")
+    init: Literal["normal", "small_init", "xtransformers"] = Field(  # choices.INIT_SCHEMES
+        DEFAULT_INIT, description="initialisation scheme (xft_dist/nn/init.py; default measured in docs/perf.md)")
+    init_std: float = Field(0.02, gt=0, description="init=normal: std of every matrix (outputs: / sqrt(2 layers))")
+    emb_init_std: float | None = Field(None, gt=0, description="token embedding ~ N(0, this); default: the scheme's")
+    head_init_std: float | None = Field(None, gt=0, description="untied head ~ N(0, this); default: the scheme's")
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +92,9 @@ class OptimSection(Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay")
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    decay_norms_and_biases: bool = Field(False, description="weight decay on norm gains and biases too "
+                                                            "(default: matrices only)")
+    decay_embeddings: bool = Field(False, description="weight decay on token / position embeddings (and a tied head)")
 
 
 class ScheduleSection(Section):

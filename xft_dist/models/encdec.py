@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..nn import VocabParallelEmbedding
+from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams
 from .layers import Decoder, Encoder
 from .wrappers import IGNORE, AutoregressiveWrapper, TransformerWrapper
@@ -16,9 +17,10 @@ class EncoderDecoder(nn.Module):
     cross-attention over the encoder output. One ``VocabParallelEmbedding`` of width ``dim`` feeds
     both towers (projected up/down when ``enc_dim`` differs) and is the decoder's output head.
 
-    ``layer_kwargs`` go to both stacks (e.g. ``ff_glu``, ``attn_dropout``, ``activation_checkpointing``);
-    ``loss_kwargs`` to the decoder's ``AutoregressiveWrapper`` (``label_smoothing``, ``z_loss``,
-    ``ignore_index``).
+    ``init`` (a scheme name or ``InitScheme``) covers both stacks, cross-attention included, and the
+    shared embedding. ``layer_kwargs`` go to both stacks (e.g. ``ff_glu``, ``attn_dropout``,
+    ``activation_checkpointing``); ``loss_kwargs`` to the decoder's ``AutoregressiveWrapper``
+    (``label_smoothing``, ``z_loss``, ``ignore_index``).
 
     The trainer's path: ``model(batch)`` with a span-corruption loader batch (``src``, ``src_mask``,
     ``tgt``, ``tgt_mask``) returns ``(loss_sum, num_tokens)``; ``token_counts(batch)`` gives the
@@ -42,24 +44,27 @@ class EncoderDecoder(nn.Module):
         groups: ParallelGroups | None = None,
         rng: RNGStreams | None = None,
         loss_kwargs: dict | None = None,
+        init: str | InitScheme | None = None,
         **layer_kwargs,
     ):
         super().__init__()
         groups = groups or ParallelGroups.single()
         enc_dim = enc_dim or dim
         self.pad_value = pad_value
-        self.token_emb = VocabParallelEmbedding(num_tokens, dim, group=groups.tp_group,
+        init = InitScheme.of(init)
+        self.token_emb = VocabParallelEmbedding(num_tokens, dim, group=groups.tp_group, init_method=init.embedding(dim),
                                                 pad_to_multiple_of=pad_to_multiple_of)
         self.encoder = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=enc_max_seq_len, token_emb=self.token_emb,
             return_only_embed=True,
-            attn_layers=Encoder(enc_dim, enc_depth, enc_heads or heads, groups=groups, rng=rng, **layer_kwargs),
+            attn_layers=Encoder(enc_dim, enc_depth, enc_heads or heads, groups=groups, rng=rng, init=init,
+                                **layer_kwargs),
         )
         decoder = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=dec_max_seq_len, token_emb=self.token_emb,
             tie_embedding=True,
             attn_layers=Decoder(dim, dec_depth, heads, cross_attend=True, cross_attn_dim_context=enc_dim,
-                                groups=groups, rng=rng, **layer_kwargs),
+                                groups=groups, rng=rng, init=init, **layer_kwargs),
         )
         self.decoder = AutoregressiveWrapper(decoder, pad_value=pad_value, **(loss_kwargs or {}))
 

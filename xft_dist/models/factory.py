@@ -9,6 +9,7 @@ take a loader batch and return ``(loss_sum, num_tokens)`` (see ``wrappers.py``).
 from __future__ import annotations
 
 from ..config import Config
+from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams
 from .encdec import EncoderDecoder
 from .flops import layers_forward_flops, model_flops_per_token
@@ -22,18 +23,19 @@ def build_model(cfg: Config, groups: ParallelGroups, rng: RNGStreams | None, *, 
                     ff_swish=m.ff_swish, use_rmsnorm=m.use_rmsnorm, rotary_pos_emb=m.rotary_pos_emb,
                     attn_dropout=m.attn_dropout, ff_dropout=m.ff_dropout,
                     activation_checkpointing=m.activation_checkpointing)
+    init = InitScheme(name=m.init, std=m.init_std, emb_std=m.emb_init_std, head_std=m.head_init_std)
     loss_kw = dict(ignore_index=loss.ignore_index, label_smoothing=loss.label_smoothing, z_loss=loss.z_loss)
     if m.kind == "decoder":
         net = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=cfg.data.seq_len, tie_embedding=m.tie_embedding,
             pad_to_multiple_of=m.pad_vocab_to_multiple_of,
-            attn_layers=Decoder(m.dim, m.depth, m.heads, groups=groups, rng=rng, **layer_kw))
+            attn_layers=Decoder(m.dim, m.depth, m.heads, groups=groups, rng=rng, init=init, **layer_kw))
         return AutoregressiveWrapper(net, pad_value=pad_id, **loss_kw)
     return EncoderDecoder(num_tokens=num_tokens, dim=m.dim, enc_dim=m.enc_dim, enc_depth=m.enc_depth,
                           dec_depth=m.depth, heads=m.heads, enc_max_seq_len=cfg.data.enc_len,
                           dec_max_seq_len=cfg.data.seq_len + 1, pad_value=pad_id,
                           pad_to_multiple_of=m.pad_vocab_to_multiple_of, groups=groups, rng=rng,
-                          loss_kwargs=loss_kw, **layer_kw)
+                          loss_kwargs=loss_kw, init=init, **layer_kw)
 
 
 def flops_per_token(cfg: Config, model) -> float:

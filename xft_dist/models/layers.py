@@ -11,16 +11,17 @@ import torch
 from torch import nn
 
 from ..nn import Attention, FeedForward, RotaryEmbedding, checkpoint, document_positions, make_norm
+from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams
 
 
 class Block(nn.Module):
     def __init__(self, dim, *, heads, dim_head, kv_heads, causal, cross_attend, dim_context,
                  attn_dropout, ff_mult, ff_glu, ff_swish, ff_dropout, use_rmsnorm, attn_backend,
-                 group, rng):
+                 group, rng, init, num_layers):
         super().__init__()
         attn_kw = dict(heads=heads, dim_head=dim_head, dropout=attn_dropout, group=group, rng=rng,
-                       backend=attn_backend)
+                       backend=attn_backend, init=init, num_layers=num_layers)
         self.attn_norm = make_norm(dim, rmsnorm=use_rmsnorm)
         self.attn = Attention(dim, kv_heads=kv_heads, causal=causal, **attn_kw)
         if cross_attend:
@@ -30,7 +31,7 @@ class Block(nn.Module):
             self.cross_norm = self.cross_attn = None
         self.ff_norm = make_norm(dim, rmsnorm=use_rmsnorm)
         self.ff = FeedForward(dim, mult=ff_mult, glu=ff_glu, swish=ff_swish, dropout=ff_dropout,
-                              group=group, rng=rng)
+                              group=group, rng=rng, init=init, num_layers=num_layers)
 
     def forward(self, x, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None):
         x = x + self.attn(self.attn_norm(x), mask=mask, doc_ids=doc_ids, rotary=rotary)
@@ -46,6 +47,8 @@ class AttentionLayers(nn.Module):
 
     ``activation_checkpointing``: 0 off, 1 every layer, k every k-th layer (layers 0, k, 2k, ...).
     ``rng`` (from ``xft_dist.parallel.seed_all``) is required for dropout at TP > 1.
+    ``init``: a scheme name (``normal``, ``small_init``, ``xtransformers``) or an ``InitScheme``
+    (see ``xft_dist.nn.init``); the wrapper around the stack uses it for embeddings and head too.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class AttentionLayers(nn.Module):
         rotary_theta: float = 10000.0,
         attn_backend: str = "auto",
         activation_checkpointing: int = 0,
+        init: str | InitScheme | None = None,
         groups: ParallelGroups | None = None,
         rng: RNGStreams | None = None,
     ):
@@ -87,12 +91,14 @@ class AttentionLayers(nn.Module):
         self.dim_context = cross_attn_dim_context or dim
         self.ff_inner, self.ff_glu = int(dim * ff_mult), ff_glu
         self.activation_checkpointing = activation_checkpointing
+        self.init = InitScheme.of(init)
         self.rotary = RotaryEmbedding(rotary_emb_dim or attn_dim_head, theta=rotary_theta) if rotary_pos_emb else None
         self.layers = nn.ModuleList(
             Block(dim, heads=heads, dim_head=attn_dim_head, kv_heads=attn_kv_heads, causal=causal,
                   cross_attend=cross_attend, dim_context=cross_attn_dim_context, attn_dropout=attn_dropout,
                   ff_mult=ff_mult, ff_glu=ff_glu, ff_swish=ff_swish, ff_dropout=ff_dropout,
-                  use_rmsnorm=use_rmsnorm, attn_backend=attn_backend, group=self.groups.tp_group, rng=rng)
+                  use_rmsnorm=use_rmsnorm, attn_backend=attn_backend, group=self.groups.tp_group, rng=rng,
+                  init=self.init, num_layers=depth)
             for _ in range(depth)
         )
         self.final_norm = make_norm(dim, rmsnorm=use_rmsnorm)

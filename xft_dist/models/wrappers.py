@@ -20,6 +20,7 @@ from ..nn import (
     masked_loss_sum,
     vocab_parallel_cross_entropy,
 )
+from ..nn.init import InitScheme
 from .layers import AttentionLayers
 
 IGNORE = -100  # internal ignore index for targets that must not count
@@ -32,6 +33,8 @@ class TransformerWrapper(nn.Module):
     size and TP group must match). ``tie_embedding``: the output head reuses the token embedding.
     ``emb_dim`` differing from the stack's width adds a projection (e.g. a wider encoder fed from
     an embedding shared with a narrower decoder). ``return_only_embed``: no output head at all.
+    ``init``: the scheme for the token embedding, positions, projection and untied head (default:
+    the stack's ``attn_layers.init``; see ``xft_dist.nn.init``).
     """
 
     def __init__(
@@ -47,8 +50,10 @@ class TransformerWrapper(nn.Module):
         use_abs_pos_emb: bool | None = None,
         pad_to_multiple_of: int = 1,
         return_only_embed: bool = False,
+        init: str | InitScheme | None = None,
     ):
         super().__init__()
+        init = InitScheme.of(init) if init is not None else attn_layers.init
         self.attn_layers = attn_layers
         self.groups = attn_layers.groups
         group = self.groups.tp_group
@@ -65,13 +70,16 @@ class TransformerWrapper(nn.Module):
         emb_dim = emb_dim or dim
         self.emb_dim = emb_dim
         self.token_emb = token_emb or VocabParallelEmbedding(num_tokens, emb_dim, group=group,
-                                                             pad_to_multiple_of=pad_to_multiple_of)
+                                                             pad_to_multiple_of=pad_to_multiple_of,
+                                                             init_method=init.embedding(emb_dim))
         if use_abs_pos_emb is None:
             use_abs_pos_emb = attn_layers.rotary is None
-        self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len) if use_abs_pos_emb else None
+        self.pos_emb = (AbsolutePositionalEmbedding(emb_dim, max_seq_len, std=init.position_std(emb_dim))
+                        if use_abs_pos_emb else None)
         self.emb_dropout = emb_dropout
         # Replicated over TP ranks (group=None): the same full weights on every rank.
-        self.project_emb = ColumnParallelLinear(emb_dim, dim, bias=False) if emb_dim != dim else None
+        self.project_emb = (ColumnParallelLinear(emb_dim, dim, bias=False, init_method=init.matrix(emb_dim, dim=dim))
+                            if emb_dim != dim else None)
         self.tie_embedding = tie_embedding
         if return_only_embed:
             self.to_logits = None
@@ -80,7 +88,7 @@ class TransformerWrapper(nn.Module):
                 raise ValueError(f"tie_embedding needs emb_dim ({emb_dim}) == attn_layers.dim ({dim})")
             self.to_logits = None
         else:
-            self.to_logits = VocabParallelEmbedding(num_tokens, dim, group=group,
+            self.to_logits = VocabParallelEmbedding(num_tokens, dim, group=group, init_method=init.head(dim),
                                                     pad_to_multiple_of=pad_to_multiple_of)
         self.return_only_embed = return_only_embed
 

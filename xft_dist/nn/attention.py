@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ..parallel import RNGStreams, group_size
+from .init import InitScheme
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import fork, split_region_rng
 from .position import apply_rotary, document_starts
@@ -80,6 +81,8 @@ class Attention(nn.Module):
         group: ProcessGroup | None = None,
         rng: RNGStreams | None = None,
         backend: str = "auto",
+        init: InitScheme | str | None = None,
+        num_layers: int = 1,
     ):
         super().__init__()
         tp = group_size(group)
@@ -94,10 +97,19 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.dim_head = heads // tp, kv_heads // tp, dim_head
         self.causal, self.dropout, self.backend = causal, dropout, backend
         dim_kv = dim_context or dim
-        self.to_q = ColumnParallelLinear(dim, heads * dim_head, bias=bias, group=group)
-        self.to_k = ColumnParallelLinear(dim_kv, kv_heads * dim_head, bias=bias, group=group)
-        self.to_v = ColumnParallelLinear(dim_kv, kv_heads * dim_head, bias=bias, group=group)
-        self.to_out = RowParallelLinear(heads * dim_head, dim, bias=bias, group=group)
+        init = InitScheme.of(init)
+        inner = heads * dim_head
+
+        def col(fan_in, out):
+            return ColumnParallelLinear(fan_in, out, bias=bias, group=group, init_method=init.matrix(fan_in, dim=dim),
+                                        bias_init=init.bias(fan_in))
+
+        self.to_q = col(dim, inner)
+        self.to_k = col(dim_kv, kv_heads * dim_head)
+        self.to_v = col(dim_kv, kv_heads * dim_head)
+        # writes into the residual stream: the scheme's output init (depth-scaled where it is)
+        self.to_out = RowParallelLinear(inner, dim, bias=bias, group=group, bias_init=init.bias(inner),
+                                        init_method=init.output(inner, dim=dim, num_layers=num_layers))
         self.rng = split_region_rng(rng, group, dropout, "Attention")
 
     def forward(

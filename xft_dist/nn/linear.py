@@ -14,7 +14,8 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ..parallel import copy_to_tp, gather_from_tp, group_size, reduce_from_tp, scatter_to_tp
-from .sharding import InitMethod, divide, normal_init, sharded_parameter
+from .init import InitMethod, normal_init, zeros_init
+from .sharding import divide, sharded_parameter
 
 
 class ColumnParallelLinear(nn.Module):
@@ -33,6 +34,7 @@ class ColumnParallelLinear(nn.Module):
         group: ProcessGroup | None = None,
         gather_output: bool = False,
         init_method: InitMethod | None = None,
+        bias_init: InitMethod | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -47,7 +49,7 @@ class ColumnParallelLinear(nn.Module):
         )
         self.bias = (
             sharded_parameter((out_features,), partition_dim=0, group=group,
-                              init_method=torch.nn.init.zeros_, dtype=dtype, device=device)
+                              init_method=bias_init or zeros_init, dtype=dtype, device=device)
             if bias else None
         )
 
@@ -78,6 +80,7 @@ class RowParallelLinear(nn.Module):
         group: ProcessGroup | None = None,
         input_is_parallel: bool = True,
         init_method: InitMethod | None = None,
+        bias_init: InitMethod | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -90,10 +93,11 @@ class RowParallelLinear(nn.Module):
             (out_features, in_features), partition_dim=1, group=group,
             init_method=init_method or normal_init(), dtype=dtype, device=device,
         )
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(), device=device))
-            if bias else None
-        )
+        self.bias = None
+        if bias:  # replicated: every rank draws the same full vector
+            full = torch.empty(out_features, dtype=torch.float32)
+            (bias_init or zeros_init)(full)
+            self.bias = nn.Parameter(full.to(dtype=dtype or torch.get_default_dtype(), device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ..parallel import RNGStreams, group_size
+from .init import InitScheme
 from .linear import ColumnParallelLinear, RowParallelLinear
 
 
@@ -43,12 +44,17 @@ class FeedForward(nn.Module):
         bias: bool = True,
         group: ProcessGroup | None = None,
         rng: RNGStreams | None = None,
+        init: InitScheme | str | None = None,
+        num_layers: int = 1,
     ):
         super().__init__()
         inner = inner_dim or int(dim * mult)
-        self.up = ColumnParallelLinear(dim, inner, bias=bias, group=group)
-        self.gate = ColumnParallelLinear(dim, inner, bias=bias, group=group) if glu else None
-        self.down = RowParallelLinear(inner, dim, bias=bias, group=group)
+        init = InitScheme.of(init)
+        col = dict(bias=bias, group=group, init_method=init.matrix(dim, dim=dim), bias_init=init.bias(dim))
+        self.up = ColumnParallelLinear(dim, inner, **col)
+        self.gate = ColumnParallelLinear(dim, inner, **col) if glu else None
+        self.down = RowParallelLinear(inner, dim, bias=bias, group=group, bias_init=init.bias(inner),
+                                      init_method=init.output(inner, dim=dim, num_layers=num_layers))
         self.act = F.silu if swish else F.gelu
         self.dropout = dropout
         self.rng = split_region_rng(rng, group, dropout, "FeedForward")

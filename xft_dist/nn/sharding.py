@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from ..parallel import group_rank, group_size
-
-InitMethod = Callable[[torch.Tensor], object]
-
-
-def normal_init(std: float = 0.02) -> InitMethod:
-    """GPT-2 style N(0, std) initialisation, the default for every xft_dist weight."""
-    def init(weight: torch.Tensor) -> None:
-        nn.init.normal_(weight, mean=0.0, std=std)
-    return init
+from .init import InitMethod, normal_init  # noqa: F401 - re-exported
 
 
 def mark_tensor_parallel(param: torch.Tensor, partition_dim: int, stride: int = 1) -> None:

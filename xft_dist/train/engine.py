@@ -1,14 +1,43 @@
-"""``deepspeed.initialize`` with the tensor-parallel mpu and the generated DeepSpeed config."""
+"""``deepspeed.initialize`` with the tensor-parallel mpu, the generated DeepSpeed config and the
+weight-decay parameter groups."""
 
 from __future__ import annotations
 
+from torch import nn
+
 from ..config import Config, deepspeed_config
+from ..nn import AbsolutePositionalEmbedding, VocabParallelEmbedding
 from ..parallel import ParallelGroups
+
+EMBEDDINGS = (VocabParallelEmbedding, AbsolutePositionalEmbedding, nn.Embedding)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float, *, decay_norms_and_biases: bool = False,
+                        decay_embeddings: bool = False) -> list[dict]:
+    """Optimizer parameter groups: matrices decay (an untied output head is one); norm gains and
+    biases (every parameter of fewer than two dimensions) and embeddings (token, position, and so a
+    tied head) decay only when asked. A parameter shared by several modules is counted once."""
+    heads = [m.to_logits for m in model.modules() if isinstance(getattr(m, "to_logits", None), nn.Module)]
+    head_ids = {id(p) for h in heads for p in h.parameters()}
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, EMBEDDINGS) and m not in heads
+                     for p in m.parameters()} - head_ids
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if id(p) in embedding_ids:
+            (decay if decay_embeddings else no_decay).append(p)
+        elif p.ndim < 2:
+            (decay if decay_norms_and_biases else no_decay).append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def initialize(cfg: Config, model, groups: ParallelGroups):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+    params = weight_decay_groups(model, cfg.optim.weight_decay, decay_norms_and_biases=cfg.optim.decay_norms_and_biases,
+                                 decay_embeddings=cfg.optim.decay_embeddings)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                            config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu())
     return engine
