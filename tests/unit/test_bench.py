@@ -28,3 +28,19 @@ def test_bench_data_mode_prints_loader_vs_raw_ratio():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "webdataset raw" in out.stdout and "packed / raw" in out.stdout, out.stdout
+
+
+def test_bench_converge_mode_trains_both_on_the_same_batches_and_prints_the_ratio():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--mode", "converge", "--dim", "32",
+                          "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq", "32", "--batch", "2",
+                          "--steps", "6", "--warmup-steps", "2", "--init", "small_init"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert "init=small_init" in lines[0], out.stdout
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("xft", "x-transformers"))}
+    first_xft, first_xt = float(rows["xft"][1]), float(rows["x-transformers"][1])
+    # same batches, untrained models over 259 byte ids: both start near ln(259) = 5.56
+    assert abs(first_xft - 5.56) < 0.6 and abs(first_xt - 5.56) < 0.6, out.stdout
+    ratio = next(line for line in lines if line.startswith("xft / x-t")).split()[-1]
+    assert float(ratio) > 0, out.stdout
