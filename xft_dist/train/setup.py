@@ -104,12 +104,13 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     """Build the run up to stage ``upto`` (see the module doc).
 
     ``vocab`` replaces the facts read from the shards' manifest (conversion and benchmarks that have
-    no shards). ``device="meta"`` builds a ``"model"`` stage without allocating weights.
+    no shards). ``device`` places a one-process ``"model"`` stage (``"meta"``: no weights allocated);
+    with a world, DeepSpeed puts the model on this rank's device.
     """
     if upto not in STAGES:
         raise ValueError(f"upto={upto!r}: expected one of {STAGES}")
     env = env or DistEnv.from_environ()
-    kind = accelerator() if upto != "model" else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = accelerator()
     manifest = None
     if upto == "train" or vocab is None:
         _, manifest = static_checks(cfg, env, kind)
@@ -123,9 +124,10 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     else:
         if cfg.parallel.tp != 1:
             raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs {cfg.parallel.tp} ranks; one process builds TP=1")
-        groups, run_device = ParallelGroups.single(), torch.device(device or rank_device(env, kind))
+        # one process, no world: the model is built where ``device`` says (the CPU by default)
+        groups, run_device = ParallelGroups.single(), torch.device(device or "cpu")
     streams = seed_all(cfg.train.seed, tp_rank=groups.tp_rank)
-    with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
+    with torch.device(device) if device is not None and world is None else contextlib.nullcontext():
         model = build_model(cfg, groups, streams, num_tokens=vocab.num_tokens, pad_id=vocab.pad_id)
     run = Run(cfg=cfg, env=env, device=run_device, groups=groups, streams=streams, vocab=vocab, model=model,
               world=world)
