@@ -2,6 +2,9 @@
 of a real training step equals the reference formula on the full (gathered) logits:
 
     mean over loss tokens of  F.cross_entropy(logits, labels, label_smoothing=eps) + z * logsumexp(logits)**2
+
+And the fused, chunked head + loss at TP=2 equals the unfused single-process path (values and the
+gradients of hidden states and the vocab-sharded weight).
 """
 
 from __future__ import annotations
@@ -65,6 +68,41 @@ def decoder_label_smoothing_and_z_loss():
 @LOSS.check
 def encoder_decoder_label_smoothing_0_1():
     _step_loss_vs_reference("encoder_decoder", 0.1, 0.0)
+
+
+@LOSS.check
+def fused_head_loss_tp2_matches_unfused_tp1():
+    import torch.distributed as dist
+
+    from xft_dist.nn import fused_head_cross_entropy, masked_loss_sum, vocab_parallel_cross_entropy
+    from xft_dist.parallel import ParallelGroups
+
+    from .common import assert_close
+
+    g = ParallelGroups.build(tp_size=2)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 11, 8, generator=gen)
+    weight = torch.randn(21, 8, generator=gen)  # vocab 21, padded to 22 at TP=2
+    target = torch.randint(0, 21, (3, 11), generator=gen)
+    target[0, :4] = -100
+    weights = torch.rand(3, 11, generator=gen)
+    for kw in ({"label_smoothing": 0.1, "z_loss": 1e-3}, {}):
+        for loss_mask in (None, weights):  # uniform upstream gradient (precomputed) and not (recomputed)
+            h_ref, w_ref = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            losses = vocab_parallel_cross_entropy(F.linear(h_ref, w_ref), target, vocab_size=21, **kw)
+            total, count = masked_loss_sum(losses, target, loss_mask=loss_mask)
+            (total / count).backward()
+            h_tp = hidden.clone().requires_grad_(True)
+            w_tp = torch.cat([weight, weight.new_zeros(1, 8)]).chunk(2)[dist.get_rank()].clone().requires_grad_(True)
+            fused = fused_head_cross_entropy(h_tp, w_tp, target, group=g.tp_group, vocab_size=21, chunk_tokens=4,
+                                             **kw)
+            total_tp, count_tp = masked_loss_sum(fused, target, loss_mask=loss_mask)
+            (total_tp / count_tp).backward()
+            what = f"{kw} mask={loss_mask is not None}"
+            assert_close(fused, losses.detach(), f"{what}: losses")
+            assert_close(h_tp.grad, h_ref.grad, f"{what}: hidden grad")
+            w_grad = torch.cat([w_ref.grad, w_ref.grad.new_zeros(1, 8)]).chunk(2)[dist.get_rank()]
+            assert_close(w_tp.grad, w_grad, f"{what}: weight grad")
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,14 @@
 """Tensor-parallel building blocks. Process groups are passed in; nothing is read from globals."""
 
 from .embedding import VocabParallelEmbedding, padded_vocab_size
+from .fused_loss import fused_head_cross_entropy
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .loss import masked_loss_sum, vocab_parallel_cross_entropy
 from .sharding import is_tensor_parallel, mark_tensor_parallel, normal_init
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "padded_vocab_size",
-    "vocab_parallel_cross_entropy", "masked_loss_sum",
+    "vocab_parallel_cross_entropy", "masked_loss_sum", "fused_head_cross_entropy",
     "mark_tensor_parallel", "is_tensor_parallel", "normal_init",
 ]
 

@@ -19,49 +19,69 @@ from torch.distributed import ProcessGroup
 from ..parallel.comm import all_reduce, group_rank, group_size
 
 
+def _ce_forward(logits, target, group, vocab_size, ignore_index, label_smoothing, z_loss):
+    """Per-token losses of vocab-split ``logits``, and what the gradient needs (``saved``).
+
+    Works on one fp32 copy of the shard, which ends up holding the softmax (``saved[0]``)."""
+    v_local = logits.shape[-1]
+    start = group_rank(group) * v_local
+    n_real = max(0, min(v_local, vocab_size - start))  # real (unpadded) columns on this rank
+
+    if n_real > 0:
+        row_max = logits[..., :n_real].amax(dim=-1).float()
+    else:
+        row_max = logits.new_full(logits.shape[:-1], float("-inf"), dtype=torch.float32)
+    row_max = all_reduce(row_max, group, op="max")
+
+    # The one fp32 buffer of the vocab shard (a copy, never the caller's tensor): shifted
+    # logits, then exps, then softmax, then (for the gradient) the gradient, all in place.
+    shifted = logits.to(torch.float32, copy=True).sub_(row_max.unsqueeze(-1))
+    if n_real < v_local:
+        shifted[..., n_real:] = float("-inf")  # padded columns get exp(-inf) = 0 probability
+
+    ignored = target == ignore_index
+    local_t = target - start
+    in_shard = (local_t >= 0) & (local_t < v_local) & ~ignored
+    local_t = torch.where(in_shard, local_t, torch.zeros_like(local_t)).unsqueeze(-1)
+    target_logit = shifted.gather(-1, local_t).squeeze(-1).masked_fill(~in_shard, 0.0)
+    stats = [target_logit]
+    if label_smoothing > 0:
+        stats.append(shifted[..., :n_real].sum(dim=-1))
+    exps = shifted.exp_()
+    stats.append(exps.sum(dim=-1))
+    stats = all_reduce(torch.stack(stats), group)  # one collective for all per-token sums
+    target_logit, sum_exp = stats[0], stats[-1]
+
+    log_z = sum_exp.log()  # lse - row_max
+    loss = log_z - target_logit
+    if label_smoothing > 0:
+        mean_logit = stats[1] / vocab_size
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_z - mean_logit)
+    lse = log_z + row_max
+    if z_loss > 0:
+        loss = loss + z_loss * lse.square()
+    loss = loss.masked_fill(ignored, 0.0)
+    probs = exps.div_(sum_exp.unsqueeze(-1))
+    return loss, (probs, local_t, in_shard, ignored, lse, n_real)
+
+
+def _ce_grad_(saved, grad_loss, *, vocab_size, label_smoothing, z_loss) -> torch.Tensor:
+    """d(sum_t grad_loss_t * loss_t) / d logits, in place in the saved softmax buffer (fp32)."""
+    probs, local_t, in_shard, ignored, lse, n_real = saved
+    grad, eps = probs, label_smoothing
+    if z_loss > 0:
+        grad.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(-1))
+    grad.scatter_add_(-1, local_t, (-(1.0 - eps) * in_shard.to(grad.dtype)).unsqueeze(-1))
+    if eps > 0 and n_real > 0:
+        grad[..., :n_real].sub_(eps / vocab_size)
+    return grad.mul_(grad_loss.float().masked_fill(ignored, 0.0).unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing, z_loss):
-        v_local = logits.shape[-1]
-        start = group_rank(group) * v_local
-        n_real = max(0, min(v_local, vocab_size - start))  # real (unpadded) columns on this rank
-
-        if n_real > 0:
-            row_max = logits[..., :n_real].amax(dim=-1).float()
-        else:
-            row_max = logits.new_full(logits.shape[:-1], float("-inf"), dtype=torch.float32)
-        row_max = all_reduce(row_max, group, op="max")
-
-        # The one fp32 buffer of the vocab shard (a copy, never the caller's tensor): shifted
-        # logits, then exps, then softmax, then (in backward) the gradient, all in place.
-        shifted = logits.to(torch.float32, copy=True).sub_(row_max.unsqueeze(-1))
-        if n_real < v_local:
-            shifted[..., n_real:] = float("-inf")  # padded columns get exp(-inf) = 0 probability
-
-        ignored = target == ignore_index
-        local_t = target - start
-        in_shard = (local_t >= 0) & (local_t < v_local) & ~ignored
-        local_t = torch.where(in_shard, local_t, torch.zeros_like(local_t)).unsqueeze(-1)
-        target_logit = shifted.gather(-1, local_t).squeeze(-1).masked_fill(~in_shard, 0.0)
-        stats = [target_logit]
-        if label_smoothing > 0:
-            stats.append(shifted[..., :n_real].sum(dim=-1))
-        exps = shifted.exp_()
-        stats.append(exps.sum(dim=-1))
-        stats = all_reduce(torch.stack(stats), group)  # one collective for all per-token sums
-        target_logit, sum_exp = stats[0], stats[-1]
-
-        log_z = sum_exp.log()  # lse - row_max
-        loss = log_z - target_logit
-        if label_smoothing > 0:
-            mean_logit = stats[1] / vocab_size
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_z - mean_logit)
-        lse = log_z + row_max
-        if z_loss > 0:
-            loss = loss + z_loss * lse.square()
-        loss = loss.masked_fill(ignored, 0.0)
-
-        probs = exps.div_(sum_exp.unsqueeze(-1))
+        loss, saved = _ce_forward(logits, target, group, vocab_size, ignore_index, label_smoothing, z_loss)
+        probs, local_t, in_shard, ignored, lse, n_real = saved
         ctx.save_for_backward(probs, local_t, in_shard, ignored, lse)
         ctx.n_real, ctx.vocab_size = n_real, vocab_size
         ctx.label_smoothing, ctx.z_loss = label_smoothing, z_loss
@@ -75,16 +95,29 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             raise RuntimeError("vocab_parallel_cross_entropy reuses its saved softmax buffer for the "
                                "gradient; backward through it twice (retain_graph) is not supported")
         ctx.backward_done = True
-        probs, local_t, in_shard, ignored, lse = ctx.saved_tensors
-        grad = probs  # in place: the buffer is ours and not needed after this
-        eps = ctx.label_smoothing
-        if ctx.z_loss > 0:
-            grad.mul_((1.0 + 2.0 * ctx.z_loss * lse).unsqueeze(-1))
-        grad.scatter_add_(-1, local_t, (-(1.0 - eps) * in_shard.to(grad.dtype)).unsqueeze(-1))
-        if eps > 0 and ctx.n_real > 0:
-            grad[..., : ctx.n_real].sub_(eps / ctx.vocab_size)
-        grad.mul_(grad_loss.float().masked_fill(ignored, 0.0).unsqueeze(-1))
+        grad = _ce_grad_((*ctx.saved_tensors, ctx.n_real), grad_loss, vocab_size=ctx.vocab_size,
+                         label_smoothing=ctx.label_smoothing, z_loss=ctx.z_loss)
         return grad.to(ctx.logits_dtype), None, None, None, None, None, None
+
+
+def check_loss_args(*, vocab_size: int, padded: int, tp: int, shard: int, label_smoothing: float,
+                    z_loss: float) -> None:
+    if not 0 < vocab_size <= padded:
+        raise ValueError(f"vocab_size={vocab_size}: expected 1..{padded} (the padded vocab across "
+                         f"{tp} rank(s) of {shard} columns)")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing}: expected a value in [0, 1]")
+    if z_loss < 0:
+        raise ValueError(f"z_loss={z_loss}: expected a non-negative coefficient")
+
+
+def check_targets(target: torch.Tensor, *, vocab_size: int, ignore_index: int) -> None:
+    """An id outside ``[0, vocab_size)`` that is not ``ignore_index`` is a ``ValueError`` (a host sync)."""
+    counted = target != ignore_index
+    if counted.any() and bool(((target < 0) | (target >= vocab_size))[counted].any()):
+        bad = target[counted & ((target < 0) | (target >= vocab_size))][0].item()
+        raise ValueError(f"target id {bad} is outside the vocabulary [0, {vocab_size}) and is not "
+                         f"ignore_index={ignore_index}")
 
 
 def vocab_parallel_cross_entropy(
@@ -108,22 +141,13 @@ def vocab_parallel_cross_entropy(
     tp = group_size(group)
     padded = logits.shape[-1] * tp
     vocab_size = padded if vocab_size is None else vocab_size
-    if not 0 < vocab_size <= padded:
-        raise ValueError(f"vocab_size={vocab_size}: expected 1..{padded} (the padded vocab across "
-                         f"{tp} rank(s) of {logits.shape[-1]} columns)")
+    check_loss_args(vocab_size=vocab_size, padded=padded, tp=tp, shard=logits.shape[-1],
+                    label_smoothing=label_smoothing, z_loss=z_loss)
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree: "
                          "expected logits shaped target + (vocab shard,)")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing}: expected a value in [0, 1]")
-    if z_loss < 0:
-        raise ValueError(f"z_loss={z_loss}: expected a non-negative coefficient")
     target = target.long()
-    counted = target != ignore_index
-    if counted.any() and bool(((target < 0) | (target >= vocab_size))[counted].any()):
-        bad = target[counted & ((target < 0) | (target >= vocab_size))][0].item()
-        raise ValueError(f"target id {bad} is outside the vocabulary [0, {vocab_size}) and is not "
-                         f"ignore_index={ignore_index}")
+    check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
     return _VocabParallelCrossEntropy.apply(
         logits, target, group, vocab_size, ignore_index, float(label_smoothing), float(z_loss)
     )

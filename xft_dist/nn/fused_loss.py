@@ -1,0 +1,127 @@
+"""Output head and vocab-parallel cross-entropy in one pass over token chunks, never holding the
+full logits.
+
+``fused_head_cross_entropy(hidden, weight, target)`` equals
+``vocab_parallel_cross_entropy(F.linear(copy_to_tp(hidden), weight), target)``: per-token fp32
+losses. Tokens go through in chunks of ``chunk_tokens``; each chunk's logits shard is made, turned
+into losses and into the gradient of the losses with respect to those logits, which the same pass
+multiplies into the gradients for ``hidden`` and ``weight``. At most one chunk of logits (and its
+fp32 copy) is alive at a time.
+
+The gradients are computed for an upstream gradient that is the same for every counted token (a
+sum or mean of the losses, the trainer's case; ``masked_loss_sum`` with a 0/1 mask is folded in by
+setting masked targets to ``ignore_index``). The backward then only scales them. Any other upstream
+gradient (a float loss mask, say) is handled too, by recomputing the chunks in the backward: right,
+but with the head's matmuls done twice.
+
+Legend: n tokens, d hidden width, v this rank's vocab shard.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed import ProcessGroup
+
+from ..parallel.comm import all_reduce, group_size
+from .loss import _ce_forward, _ce_grad_, check_loss_args, check_targets
+
+_CHUNK_ELEMENTS = 1 << 24  # default chunk: about 16 M logits (64 MiB in fp32) per rank
+
+
+def _chunks(n: int, size: int):
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _chunk_pass(hidden, weight, target, grad_scale, *, want_h, want_w, group, ce):
+    """Losses, and d(sum_t grad_scale_t * loss_t) w.r.t. hidden (this rank's part) and weight."""
+    n = hidden.shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for half inputs; fp64 stays fp64
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty(n, hidden.shape[1], dtype=acc, device=hidden.device) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+    for s, e in _chunks(n, ce["chunk"]):
+        h = hidden[s:e]
+        loss, saved = _ce_forward(h @ weight.t(), target[s:e], group, ce["vocab_size"], ce["ignore_index"],
+                                  ce["label_smoothing"], ce["z_loss"])
+        losses[s:e] = loss
+        if want_h or want_w:
+            g = _ce_grad_(saved, grad_scale[s:e], vocab_size=ce["vocab_size"],
+                          label_smoothing=ce["label_smoothing"], z_loss=ce["z_loss"]).to(weight.dtype)  # [c, v]
+            if want_h:
+                grad_h[s:e] = g @ weight
+            if want_w:
+                grad_w += (g.t() @ h).to(acc)
+            del g
+    return losses, grad_h, grad_w
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, group, ce):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ones = torch.ones(target.shape, dtype=torch.float32, device=target.device)
+        losses, grad_h, grad_w = _chunk_pass(hidden, weight, target, ones, want_h=want_h, want_w=want_w,
+                                             group=group, ce=ce)
+        ctx.save_for_backward(hidden, weight, target, grad_h, grad_w)
+        ctx.group, ctx.ce, ctx.want = group, ce, (want_h, want_w)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, target, grad_h, grad_w = ctx.saved_tensors
+        want_h, want_w = ctx.want
+        g = grad_loss.float().masked_fill(target == ctx.ce["ignore_index"], 0.0)
+        counted = g[target != ctx.ce["ignore_index"]]
+        c = counted[0] if counted.numel() else g.new_zeros(())
+        if not bool((counted == c).all()):  # not one scale for all counted tokens: recompute
+            _, grad_h, grad_w = _chunk_pass(hidden, weight, target, g, want_h=want_h, want_w=want_w,
+                                            group=ctx.group, ce=ctx.ce)
+        else:
+            grad_h = grad_h * c if want_h else None
+            grad_w = grad_w * c if want_w else None
+        if want_h:
+            # hidden is replicated over the TP ranks: its gradient is the sum of every shard's part
+            grad_h = all_reduce(grad_h, ctx.group).to(hidden.dtype)
+        if want_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def fused_head_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group: ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-token fp32 losses of the head ``weight [v, d]`` (this rank's vocab shard, tied or untied)
+    on ``hidden [..., d]`` against ``target [...]``; shaped like ``target``, 0 where ignored.
+
+    Same options as ``vocab_parallel_cross_entropy``; ``chunk_tokens`` bounds the tokens per chunk
+    (default: about 16 M logits per chunk on this rank).
+    """
+    if hidden.shape[:-1] != target.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and target {tuple(target.shape)} disagree: "
+                         "expected hidden shaped target + (d,)")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)}: expected [vocab shard, {hidden.shape[-1]}] "
+                         "(this rank's rows of the output head)")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens}: expected at least 1 token per chunk")
+    tp = group_size(group)
+    padded = weight.shape[0] * tp
+    vocab_size = padded if vocab_size is None else vocab_size
+    check_loss_args(vocab_size=vocab_size, padded=padded, tp=tp, shard=weight.shape[0],
+                    label_smoothing=label_smoothing, z_loss=z_loss)
+    target = target.long()
+    check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
+    chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    ce = dict(vocab_size=vocab_size, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+              z_loss=float(z_loss), chunk=chunk)
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    return _FusedHeadCrossEntropy.apply(flat_h, weight, flat_t, group, ce).view(target.shape)
