@@ -43,6 +43,8 @@ class ModelSection(Section):
     activation_checkpointing: int = Field(0, ge=0, description="0 off, 1 every layer, k every k-th layer")
     enc_depth: int = Field(4, ge=1, description="encoder_decoder: encoder layers")
     enc_dim: int | None = Field(None, ge=1, description="encoder_decoder: encoder width (default dim)")
+    fused_loss: bool = Field(True, description="output head + loss fused, chunk by chunk: never the full logits")
+    loss_chunk_tokens: int | None = Field(None, ge=1, description="fused_loss: tokens per chunk (default ~16M logits)")
     init: Literal["normal", "small_init", "xtransformers"] = Field(  # choices.INIT_SCHEMES
         DEFAULT_INIT, description="initialisation scheme (xft_dist/nn/init.py; default measured in docs/perf.md)")
     init_std: float = Field(0.02, gt=0, description="init=normal: std of every matrix (outputs: / sqrt(2 layers))")

@@ -24,7 +24,9 @@ def build_model(cfg: Config, groups: ParallelGroups, rng: RNGStreams | None, *, 
                     attn_dropout=m.attn_dropout, ff_dropout=m.ff_dropout,
                     activation_checkpointing=m.activation_checkpointing)
     init = InitScheme(name=m.init, std=m.init_std, emb_std=m.emb_init_std, head_std=m.head_init_std)
-    loss_kw = dict(ignore_index=loss.ignore_index, label_smoothing=loss.label_smoothing, z_loss=loss.z_loss)
+    # The trainer's loader has checked every id against the vocabulary: no host syncs to re-check.
+    loss_kw = dict(ignore_index=loss.ignore_index, label_smoothing=loss.label_smoothing, z_loss=loss.z_loss,
+                   fused_loss=m.fused_loss, loss_chunk_tokens=m.loss_chunk_tokens, check_ids=False)
     if m.kind == "decoder":
         net = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=cfg.data.seq_len, tie_embedding=m.tie_embedding,

@@ -17,6 +17,7 @@ from ..nn import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     document_positions,
+    fused_head_cross_entropy,
     masked_loss_sum,
     vocab_parallel_cross_entropy,
 )
@@ -143,20 +144,28 @@ class AutoregressiveWrapper(nn.Module):
     count; the mean is over the remaining (real) tokens. ``mask_pad=False`` trains on pad tokens
     (when pad doubles as a real token such as EOS); a one-time warning says so when it happens.
     ``label_smoothing`` and ``z_loss`` are those of ``vocab_parallel_cross_entropy``.
+    ``fused_loss=True`` computes the head and the loss together, chunk by chunk, without the full
+    logits (``fused_head_cross_entropy``, ``loss_chunk_tokens`` tokens a chunk): same loss and
+    gradients. ``check_ids=False`` skips the host-synchronising id checks of the embedding and the
+    loss (the trainer's loader has checked the ids already).
 
     The trainer's path: ``model(batch)`` with a packed / padded loader batch (a dict with
     ``input_ids``, ``labels``, ``loss_mask``, ``mask``, ``doc_ids``, ``positions``) returns
     ``(loss_sum, num_tokens)``; ``token_counts(batch)`` gives the same ``num_tokens`` without a
-    forward pass.
+    forward pass. A batch's ``loss_mask`` is 0/1 (as the loader makes it): its zeros drop targets.
     """
 
     def __init__(self, net: TransformerWrapper, *, pad_value: int | None = 0, ignore_index: int = -100,
-                 mask_pad: bool = True, label_smoothing: float = 0.0, z_loss: float = 0.0):
+                 mask_pad: bool = True, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 fused_loss: bool = False, loss_chunk_tokens: int | None = None, check_ids: bool = True):
         super().__init__()
         if net.head is None:
             raise ValueError("AutoregressiveWrapper needs a net with an output head (not return_only_embed)")
         self.net, self.pad_value, self.ignore_index, self.mask_pad = net, pad_value, ignore_index, mask_pad
         self.label_smoothing, self.z_loss = label_smoothing, z_loss
+        self.fused_loss, self.loss_chunk_tokens, self.check_ids = fused_loss, loss_chunk_tokens, check_ids
+        for emb in {id(m): m for m in (net.token_emb, net.head)}.values():
+            emb.check_ids = emb.check_ids and check_ids
         self._warned = False
 
     def targets(self, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,29 +183,43 @@ class AutoregressiveWrapper(nn.Module):
             drop = drop | ~mask.bool()
         return target.masked_fill(drop, IGNORE)
 
-    def loss_sums(self, logits: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None):
-        """``(loss_sum, num_tokens)`` of vocab-parallel ``logits`` against ``target`` (IGNORE never counts)."""
-        losses = vocab_parallel_cross_entropy(logits, target, group=self.net.groups.tp_group,
-                                              vocab_size=self.net.num_tokens, ignore_index=IGNORE,
-                                              label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+    def loss_sums(self, inp: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                  **net_kwargs):
+        """``(loss_sum, num_tokens)`` of the net on ``inp`` against ``target`` (IGNORE never counts);
+        ``loss_mask`` weighs each token's loss."""
+        if loss_mask is not None:
+            target = target.masked_fill(loss_mask == 0, IGNORE)  # dropped targets are ignored outright
+        kw = dict(group=self.net.groups.tp_group, vocab_size=self.net.num_tokens, ignore_index=IGNORE,
+                  label_smoothing=self.label_smoothing, z_loss=self.z_loss, check_ids=self.check_ids)
+        if self.fused_loss:
+            # Without weights, every counted token's loss has the same upstream gradient: the fused
+            # backward then only scales what its forward computed (no check, no recompute).
+            h = self.net(inp, return_embeddings=True, **net_kwargs)
+            losses = fused_head_cross_entropy(h, self.net.head.weight, target, chunk_tokens=self.loss_chunk_tokens,
+                                              uniform_grad=loss_mask is None, **kw)
+        else:
+            losses = vocab_parallel_cross_entropy(self.net(inp, **net_kwargs), target, **kw)
         return masked_loss_sum(losses, target, ignore_index=IGNORE, loss_mask=loss_mask)
 
     # -- the trainer's path: a loader batch ------------------------------------------------------
     def _batch_targets(self, batch: dict) -> torch.Tensor:
+        """The labels, with ``ignore_index`` and the targets a loader's 0/1 ``loss_mask`` drops ignored."""
         labels = batch["labels"]
-        return labels.masked_fill(labels == self.ignore_index, IGNORE)
+        return labels.masked_fill((labels == self.ignore_index) | (batch["loss_mask"] == 0), IGNORE)
 
     def token_counts(self, batch: dict) -> torch.Tensor:
         """``[positions, real positions, loss tokens]`` of a loader batch (float64, on its device)."""
-        weight = batch["loss_mask"].to(torch.float64) * (self._batch_targets(batch) != IGNORE)
-        mask = batch["mask"]
+        mask, counted = batch["mask"], self._batch_targets(batch) != IGNORE
         return torch.stack([torch.tensor(float(mask.numel()), dtype=torch.float64, device=mask.device),
-                            mask.sum().to(torch.float64), weight.sum()])
+                            mask.sum().to(torch.float64), counted.sum().to(torch.float64)])
 
     def _batch_forward(self, batch: dict):
-        logits = self.net(batch["input_ids"], mask=batch["mask"], doc_ids=batch.get("doc_ids"),
-                          positions=batch.get("positions"))
-        return self.loss_sums(logits, self._batch_targets(batch), batch["loss_mask"])
+        doc_ids = batch.get("doc_ids")
+        # The loader gives padding a document of its own: with document ids, no real token can see
+        # padding, and the key-padding mask (which would force a dense [b, n, n] mask) is not needed.
+        mask = None if doc_ids is not None else batch["mask"]
+        return self.loss_sums(batch["input_ids"], self._batch_targets(batch), mask=mask, doc_ids=doc_ids,
+                              positions=batch.get("positions"))
 
     def forward(self, x: torch.Tensor | dict, *, mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
@@ -218,9 +241,9 @@ class AutoregressiveWrapper(nn.Module):
             mask = mask[:, 1:] if mask is not None else None
         if "positions" in kwargs and kwargs["positions"] is not None:
             kwargs["positions"] = kwargs["positions"][:, :-1]
-        logits = self.net(inp, mask=inp_mask, doc_ids=doc, **kwargs)
-        loss_sum, num_tokens = self.loss_sums(logits, self.targets(target, mask),
-                                              loss_mask[:, 1:] if loss_mask is not None else None)
+        loss_sum, num_tokens = self.loss_sums(inp, self.targets(target, mask),
+                                              loss_mask[:, 1:] if loss_mask is not None else None,
+                                              mask=inp_mask, doc_ids=doc, **kwargs)
         if return_sums:
             return loss_sum, num_tokens
         return loss_sum / num_tokens.clamp(min=1.0)

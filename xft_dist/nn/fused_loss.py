@@ -70,15 +70,17 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, target, grad_h, grad_w = ctx.saved_tensors
         want_h, want_w = ctx.want
-        g = grad_loss.float().masked_fill(target == ctx.ce["ignore_index"], 0.0)
-        counted = g[target != ctx.ce["ignore_index"]]
-        c = counted[0] if counted.numel() else g.new_zeros(())
-        if not bool((counted == c).all()):  # not one scale for all counted tokens: recompute
+        counted = target != ctx.ce["ignore_index"]
+        g = grad_loss.float().masked_fill(~counted, 0.0)
+        # The scale of the counted tokens' gradient: the largest, a device op (no host sync).
+        c = g.abs().amax() * torch.sign(g.sum()) if g.numel() else g.new_zeros(())
+        if not ctx.ce["uniform_grad"] and not bool((g[counted] == c).all()):  # a host sync
+            # not one scale for every counted token: recompute the chunks with the real gradient
             _, grad_h, grad_w = _chunk_pass(hidden, weight, target, g, want_h=want_h, want_w=want_w,
                                             group=ctx.group, ce=ctx.ce)
         else:
-            grad_h = grad_h * c if want_h else None
-            grad_w = grad_w * c if want_w else None
+            grad_h = grad_h * g.unsqueeze(-1).to(grad_h.dtype) if want_h else None  # exact per token
+            grad_w = grad_w * c.to(grad_w.dtype) if want_w else None
         if want_h:
             # hidden is replicated over the TP ranks: its gradient is the sum of every shard's part
             grad_h = all_reduce(grad_h, ctx.group).to(hidden.dtype)
@@ -98,12 +100,16 @@ def fused_head_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_tokens: int | None = None,
+    check_ids: bool = True,
+    uniform_grad: bool = False,
 ) -> torch.Tensor:
     """Per-token fp32 losses of the head ``weight [v, d]`` (this rank's vocab shard, tied or untied)
     on ``hidden [..., d]`` against ``target [...]``; shaped like ``target``, 0 where ignored.
 
     Same options as ``vocab_parallel_cross_entropy``; ``chunk_tokens`` bounds the tokens per chunk
-    (default: about 16 M logits per chunk on this rank).
+    (default: about 16 M logits per chunk on this rank). ``check_ids=False`` skips the id check
+    (a host sync). ``uniform_grad=True`` promises that the losses are summed or averaged with one
+    weight for every counted token, so the backward need not check it (another host sync).
     """
     if hidden.shape[:-1] != target.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and target {tuple(target.shape)} disagree: "
@@ -119,9 +125,10 @@ def fused_head_cross_entropy(
     check_loss_args(vocab_size=vocab_size, padded=padded, tp=tp, shard=weight.shape[0],
                     label_smoothing=label_smoothing, z_loss=z_loss)
     target = target.long()
-    check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
+    if check_ids:  # a host sync; the trainer turns it off (its loader checks ids on read)
+        check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
     chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // weight.shape[0])
     ce = dict(vocab_size=vocab_size, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
-              z_loss=float(z_loss), chunk=chunk)
+              z_loss=float(z_loss), chunk=chunk, uniform_grad=bool(uniform_grad))
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
     return _FusedHeadCrossEntropy.apply(flat_h, weight, flat_t, group, ce).view(target.shape)

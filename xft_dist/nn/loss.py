@@ -129,6 +129,7 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     vocab_size: int | None = None,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Per-token cross-entropy of vocab-split logits; fp32, shaped like ``target``, 0 where ignored.
 
@@ -147,7 +148,8 @@ def vocab_parallel_cross_entropy(
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree: "
                          "expected logits shaped target + (vocab shard,)")
     target = target.long()
-    check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
+    if check_ids:  # a host sync; the trainer turns it off (its loader checks ids on read)
+        check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
     return _VocabParallelCrossEntropy.apply(
         logits, target, group, vocab_size, ignore_index, float(label_smoothing), float(z_loss)
     )

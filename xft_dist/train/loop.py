@@ -20,7 +20,7 @@ from ..data import StreamingLoader
 from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
-from ..parallel import all_gather_object, any_rank, barrier, capture_rng_state
+from ..parallel import all_gather_object, barrier, capture_rng_state
 from ..runtime import DistEnv, write_status
 from ..runtime.faults import explain, is_comm_error
 from .setup import Run, build_run
@@ -84,8 +84,9 @@ def train(r: Run, *, stop=None) -> dict:
     last_saved, stop_reason, history = None, None, []
     while step < cfg.train.steps:
         meter.start()
+        requested = getattr(stop, "requested", None)
         result = train_step(r.engine, next(batches), groups=r.groups, micro_batch=cfg.train.micro_batch,
-                            nonfinite=cfg.train.nonfinite, step=step + 1)
+                            nonfinite=cfg.train.nonfinite, step=step + 1, stop_requested=bool(requested))
         step += 1
         metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                    "loss_tokens": result.loss_tokens, "skipped_micro_batches": result.skipped_micro,
@@ -98,8 +99,7 @@ def train(r: Run, *, stop=None) -> dict:
             bar.set_postfix(loss=f"{result.loss:.4f}")
         if r.rank0 and (step % cfg.logging.every == 0 or step == 1):
             _log_step(cfg, step, result, metrics)
-        requested = getattr(stop, "requested", None)
-        if any_rank(bool(requested)):  # every rank stops at the same step
+        if result.stop_requested:  # decided with the step's numbers: every rank stops at the same step
             stop_reason = f"signal {requested or 'on another rank'}"
         elif cfg.train.stop_after is not None and step >= cfg.train.stop_after:
             stop_reason = f"train.stop_after={cfg.train.stop_after}"

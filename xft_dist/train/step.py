@@ -1,5 +1,5 @@
 """One optimizer step: micro-batches, loss normalised by the global number of loss tokens, and a
-cross-rank finite check before each backward.
+cross-rank finite check before the update.
 
 The model owns the loss: ``engine(micro_batch)`` returns ``(loss_sum, num_tokens)`` and
 ``model.token_counts(micro_batch)`` counts the same tokens without a forward pass (both wrappers
@@ -9,6 +9,11 @@ DeepSpeed divides each micro-batch loss by the accumulation steps and averages g
 DP group, so micro-batch ``i`` on DP rank ``r`` backpropagates ``sum_i,r / N * dp * accum`` where
 ``N`` counts the loss tokens of the whole global batch (all micro-batches, all DP ranks). The
 gradient is then that of ``sum / N`` however the batch is split.
+
+Host syncs: the token counts are reduced on the device (the scale stays a device tensor), and the
+step's numbers (loss sum, counts, non-finite flag, stop request) travel in one collective and come
+to the host once, before the update, so ``train.nonfinite=stop`` never applies a non-finite update.
+``train.nonfinite=skip`` must decide before each backward: one more sync per micro-batch.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..parallel import ParallelGroups, any_rank, reduce_values
+from ..parallel import ParallelGroups, all_reduce, any_rank
 
 log = logging.getLogger("xft_dist.train")
 
@@ -37,6 +42,7 @@ class StepResult:
     skipped_micro: int
     grad_norm: float | None
     lr: float
+    stop_requested: bool = False  # some rank asked to stop (a signal), decided with the step's numbers
 
 
 def split_micro_batches(batch: dict, micro_batch: int, device) -> list[dict]:
@@ -46,40 +52,61 @@ def split_micro_batches(batch: dict, micro_batch: int, device) -> list[dict]:
             for i in range(0, rows, micro_batch)]
 
 
+def _world(groups: ParallelGroups):
+    """The default (world) group when there is one, else None (one process: no collective)."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if groups.world_size > 1 else None
+
+
 def _zero_grad_surrogate(engine) -> torch.Tensor:
     """A loss with zero gradient for every parameter: the backward every rank must still run."""
     return sum(p.sum() for p in engine.module.parameters()) * 0.0
 
 
 def train_step(engine, batch: dict, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
-               step: int = 0) -> StepResult:
+               step: int = 0, stop_requested: bool = False) -> StepResult:
     micro = split_micro_batches(batch, micro_batch, engine.device)
     if len(micro) != engine.gradient_accumulation_steps():
         raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "
                            f"{engine.gradient_accumulation_steps()}")
     model = engine.module
-    # [positions, real positions, loss tokens] of the global batch: one reduction, on the group's device
-    positions, real, total = reduce_values(sum(model.token_counts(mb) for mb in micro), groups.dp_group)
-    scale = groups.dp_size * len(micro) / max(total, 1.0)
-    loss_sum, skipped = 0.0, 0
+    # [positions, real positions, loss tokens] of the global batch, reduced on the device
+    counts = all_reduce(sum(model.token_counts(mb) for mb in micro), groups.dp_group)
+    scale = (groups.dp_size * len(micro)) / counts[2].clamp(min=1.0)
+    device = counts.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    bad = torch.zeros((), dtype=torch.float64, device=device)
+    skipped, numbers = 0, None
     for i, mb in enumerate(micro):
         s, _ = engine(mb)
-        if any_rank(not bool(torch.isfinite(s.detach())), None):  # every rank decides the same way
-            msg = f"step {step} micro-batch {i}: non-finite loss on at least one rank (local loss sum {s.item()})"
-            if nonfinite == "stop":
-                log.error("%s: stopping (train.nonfinite=stop)", msg)
-                raise NonFiniteLoss(msg)
-            log.warning("%s: skipping this micro-batch (train.nonfinite=skip)", msg)
+        finite = torch.isfinite(s.detach())
+        if nonfinite == "skip" and any_rank(not bool(finite), None):
+            log.warning("step %d micro-batch %d: non-finite loss on at least one rank: skipping this micro-batch "
+                        "(train.nonfinite=skip)", step, i)
             skipped += 1
             engine.backward(_zero_grad_surrogate(engine))
         else:
-            engine.backward(s * scale)
-            loss_sum += float(s.detach().to(torch.float64))
+            engine.backward(s * scale.to(s.dtype))
+            loss_sum = loss_sum + torch.where(finite, s.detach().to(torch.float64), 0.0)
+            bad = bad + (~finite).to(torch.float64)
+        if i == len(micro) - 1:  # before the update: every number of the step, one collective, one sync
+            # Over the whole world, so that a stop request or a bad loss on any rank reaches every
+            # TP peer too; TP peers hold the same loss, so only TP rank 0 adds it in.
+            own = loss_sum if groups.tp_rank == 0 else torch.zeros_like(loss_sum)
+            flags = torch.tensor([float(stop_requested)], dtype=torch.float64, device=device)
+            numbers = all_reduce(torch.cat([torch.stack([own, bad]), flags]), _world(groups))
+            numbers = torch.cat([counts, numbers]).tolist()
+            if numbers[4] > 0 and nonfinite == "stop":
+                msg = f"step {step}: non-finite loss on at least one rank (train.nonfinite=stop): stopping"
+                log.error("%s", msg)
+                raise NonFiniteLoss(msg)
         engine.step()
-    (loss_sum,) = reduce_values([loss_sum], groups.dp_group)
+    positions, real, total, loss_total, _, stop = numbers
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else None
     if norm is not None and not math.isfinite(norm):
         raise NonFiniteLoss(f"step {step}: non-finite gradient norm {norm} after the update")
-    return StepResult(loss=loss_sum / max(total, 1.0), loss_tokens=total, tokens=int(positions),
-                      real_tokens=int(real), skipped_micro=skipped, grad_norm=norm, lr=engine.get_lr()[0])
+    return StepResult(loss=loss_total / max(total, 1.0), loss_tokens=total, tokens=int(positions),
+                      real_tokens=int(real), skipped_micro=skipped, grad_norm=norm, lr=engine.get_lr()[0],
+                      stop_requested=stop > 0)
