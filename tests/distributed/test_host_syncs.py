@@ -2,8 +2,9 @@
 ``tolist``, ``cpu``, ``__bool__``, ``__float__`` and ``__int__`` made during ``train_step`` is
 counted, on real engines fed by the real loader, for both model kinds, and attributed: xft_dist's
 own (at most 2), DeepSpeed's (its overflow check and its clipping, once per parameter group, read
-the grad norm: at most 3) and anything else (none). ``torch.optim``'s AdamW reads its step counters with ``item()``; those live
-on the host (``capturable=False``), so they are not device syncs on a GPU and are not held here."""
+the grad norm: at most 3) and anything else (none). ``torch.optim``'s AdamW reads its step
+counters with ``item()``; those live on the host (``capturable=False``), so they are not device
+syncs on a GPU and are not held here."""
 
 from __future__ import annotations
 

@@ -105,6 +105,24 @@ def packed_documents_do_not_leak_tp2():
     assert_close(other[:, 4:], packed, "doc B after another doc A", rtol=1e-5, atol=1e-5)
 
 
+@TP2.check
+def varlen_tp2_matches_dense_mask_tp1():
+    g = ParallelGroups.build(tp_size=2)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 7])
+    seq = torch.randint(1, VOCAB, doc_ids.shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    for groups, mask in ((None, torch.ones_like(seq, dtype=torch.bool)), (g, None)):  # dense at TP1, varlen at TP2
+        torch.manual_seed(5)
+        model = _decoder_lm(groups, activation_checkpointing=1).double()
+        logits = model(seq, doc_ids=doc_ids, mask=mask, gather_logits=True)
+        (logits.square().mean() + logits[..., 7].sum()).backward()
+        results.append((model, logits))
+    (ref, ref_logits), (tp, tp_logits) = results
+    assert_close(tp_logits, ref_logits, "varlen TP2 vs dense TP1 logits", rtol=1e-9, atol=1e-12)
+    for (name, p_ref), (_, p_tp) in zip(ref.named_parameters(), tp.named_parameters()):
+        assert_close(p_tp.grad, tp_shard(p_ref.grad, p_tp, g), f"grad of {name}", rtol=1e-9, atol=1e-12)
+
+
 def _dropout_run(g, streams, every):
     """One forward/backward with dropout; every run starts from the same RNG state."""
     torch.manual_seed(3)

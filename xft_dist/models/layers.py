@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..nn import Attention, FeedForward, RotaryEmbedding, checkpoint, document_positions, make_norm
+from ..nn.attention import DocLayout
 from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams
 
@@ -33,8 +34,8 @@ class Block(nn.Module):
         self.ff = FeedForward(dim, mult=ff_mult, glu=ff_glu, swish=ff_swish, dropout=ff_dropout,
                               group=group, rng=rng, init=init, num_layers=num_layers)
 
-    def forward(self, x, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None):
-        x = x + self.attn(self.attn_norm(x), mask=mask, doc_ids=doc_ids, rotary=rotary)
+    def forward(self, x, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None, doc_layout=None):
+        x = x + self.attn(self.attn_norm(x), mask=mask, doc_ids=doc_ids, rotary=rotary, doc_layout=doc_layout)
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this stack was built with cross_attend=True: pass context=[b, m, dim_context]")
@@ -112,9 +113,13 @@ class AttentionLayers(nn.Module):
         context_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        doc_layout: DocLayout | None = None,
     ) -> torch.Tensor:
         """``x [b, n, dim]`` -> ``[b, n, dim]``. ``mask [b, n]`` True for real tokens; ``doc_ids``
-        keeps packed documents apart and restarts their positions; ``context`` for cross-attention."""
+        keeps packed documents apart and restarts their positions; ``context`` for cross-attention.
+
+        Packed documents without a ``mask`` take the varlen path: their ``DocLayout`` (given, or built
+        here from ``doc_ids``) is made once and shared by every layer; no ``n x n`` mask exists."""
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected embeddings [b, n, {self.dim}], got {tuple(x.shape)}")
         rotary = None
@@ -123,9 +128,11 @@ class AttentionLayers(nn.Module):
                 positions = (document_positions(doc_ids) if doc_ids is not None
                              else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1))
             rotary = self.rotary(positions)
+        if doc_layout is None and doc_ids is not None and mask is None:
+            doc_layout = DocLayout.from_doc_ids(doc_ids)
         k = self.activation_checkpointing
         for i, layer in enumerate(self.layers):
-            args = (x, mask, context, context_mask, doc_ids, rotary)
+            args = (x, mask, context, context_mask, doc_ids, rotary, doc_layout)
             if k and i % k == 0 and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, rng=self.rng)
             else:

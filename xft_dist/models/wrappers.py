@@ -21,6 +21,7 @@ from ..nn import (
     masked_loss_sum,
     vocab_parallel_cross_entropy,
 )
+from ..nn.attention import DocLayout
 from ..nn.init import InitScheme
 from .layers import AttentionLayers
 
@@ -106,6 +107,7 @@ class TransformerWrapper(nn.Module):
         mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        doc_layout: DocLayout | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         return_embeddings: bool = False,
@@ -128,7 +130,7 @@ class TransformerWrapper(nn.Module):
         if self.project_emb is not None:
             h = self.project_emb(h)
         h = self.attn_layers(h, mask, context=context, context_mask=context_mask, doc_ids=doc_ids,
-                             positions=positions)
+                             positions=positions, doc_layout=doc_layout)
         if return_embeddings or self.head is None:
             return h
         logits = self.head.logits(h, gather=gather_logits)
@@ -213,13 +215,20 @@ class AutoregressiveWrapper(nn.Module):
         return torch.stack([torch.tensor(float(mask.numel()), dtype=torch.float64, device=mask.device),
                             mask.sum().to(torch.float64), counted.sum().to(torch.float64)])
 
+    def prepare_batch(self, batch: dict) -> dict:
+        """On the host, before the batch moves to the device: the documents' ``DocLayout``, so that
+        the varlen attention needs no device-to-host sync to find them."""
+        if "doc_ids" in batch and "doc_layout" not in batch:
+            return {**batch, "doc_layout": DocLayout.from_doc_ids(batch["doc_ids"])}
+        return batch
+
     def _batch_forward(self, batch: dict):
         doc_ids = batch.get("doc_ids")
         # The loader gives padding a document of its own: with document ids, no real token can see
         # padding, and the key-padding mask (which would force a dense [b, n, n] mask) is not needed.
         mask = None if doc_ids is not None else batch["mask"]
         return self.loss_sums(batch["input_ids"], self._batch_targets(batch), mask=mask, doc_ids=doc_ids,
-                              positions=batch.get("positions"))
+                              positions=batch.get("positions"), doc_layout=batch.get("doc_layout"))
 
     def forward(self, x: torch.Tensor | dict, *, mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,

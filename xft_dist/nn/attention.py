@@ -5,15 +5,23 @@ Legend: b batch, n query length, m key length, h query heads (this rank), g kv h
 d head dim.
 
 Backends: ``"sdpa"`` is ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-
-efficient / cuDNN on GPU, the CPU flash kernel here); ``"flash_varlen"`` is flash-attn's varlen
-kernel over packed documents (CUDA, fp16/bf16, flash-attn installed); ``"auto"`` takes varlen when
-it applies and SDPA otherwise.
+efficient / cuDNN on GPU, the CPU flash kernel here) with a dense mask where one is needed;
+``"flash_varlen"`` insists on a varlen kernel for packed documents; ``"auto"`` takes the varlen
+path whenever self-attention runs on packed documents without a key-padding mask.
+
+The varlen path never builds an ``n x n`` mask: the documents of the flattened batch are described
+once per batch by a ``DocLayout`` (cumulative lengths, ``cu_seqlens``) that every layer shares. On
+CUDA in fp16 / bf16 it runs ``torch.nn.attention.varlen.varlen_attn`` (flash-attn's
+``flash_attn_varlen_func`` when installed, which also does dropout); elsewhere, one SDPA call per
+document (causal where the stack is), which computes the same thing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -58,12 +66,49 @@ def attention_mask(
     return allowed
 
 
-def _cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative lengths of the documents of ``doc_ids [b, n]`` flattened row-major (rows never merge)."""
-    b, n = doc_ids.shape
-    start_idx = torch.nonzero(document_starts(doc_ids).flatten(), as_tuple=False).flatten()
-    cu = torch.cat([start_idx, start_idx.new_tensor([b * n])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+@dataclass(frozen=True)
+class DocLayout:
+    """The packed documents of a ``[b, n]`` batch, flattened row-major (documents never span rows).
+
+    ``cu_seqlens`` (int32 ``[docs + 1]``, on the model's device) are the kernels' cumulative
+    offsets; ``bounds`` the same as Python ints when they were known on the host (the per-document
+    CPU path reads them); ``max_len`` bounds the longest document (``n`` is a valid bound).
+    """
+
+    cu_seqlens: torch.Tensor
+    bounds: tuple[int, ...] | None
+    max_len: int
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids: torch.Tensor) -> "DocLayout":
+        """From ``doc_ids [b, n]`` (non-decreasing within each row). On the CPU nothing waits for a
+        device; from a CUDA tensor the offsets cost one host sync (the trainer builds them on the
+        host: ``prepare_batch``)."""
+        if doc_ids.ndim != 2:
+            raise ValueError(f"doc_ids must be [b, n], got {tuple(doc_ids.shape)}")
+        b, n = doc_ids.shape
+        if doc_ids.device.type == "cpu":
+            ids = doc_ids.numpy()
+            if n > 1 and (np.diff(ids, axis=1) < 0).any():
+                row = int(np.nonzero((np.diff(ids, axis=1) < 0).any(axis=1))[0][0])
+                raise ValueError(f"doc_ids row {row} decreases: document ids must be non-decreasing within a row "
+                                 "(each document one contiguous run)")
+            starts = np.ones((b, n), dtype=bool)
+            starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+            bounds = tuple(int(i) for i in np.nonzero(starts.reshape(-1))[0]) + (b * n,)
+            cu = torch.tensor(bounds, dtype=torch.int32)
+        else:
+            start_idx = torch.nonzero(document_starts(doc_ids).flatten(), as_tuple=False).flatten()
+            cu, bounds = torch.cat([start_idx, start_idx.new_tensor([b * n])]).to(torch.int32), None
+        return cls(cu_seqlens=cu, bounds=bounds, max_len=n, shape=(b, n))
+
+    def to(self, device, non_blocking: bool = False) -> "DocLayout":
+        return DocLayout(self.cu_seqlens.to(device, non_blocking=non_blocking), self.bounds, self.max_len,
+                         self.shape)
+
+    def host_bounds(self) -> tuple[int, ...]:
+        return self.bounds if self.bounds is not None else tuple(self.cu_seqlens.tolist())
 
 
 class Attention(nn.Module):
@@ -121,10 +166,12 @@ class Attention(nn.Module):
         context_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        doc_layout: DocLayout | None = None,
     ) -> torch.Tensor:
         """``x [b, n, dim]`` -> ``[b, n, dim]``. Self-attention masks keys with ``mask [b, n]``
         and documents with ``doc_ids``; cross-attention reads ``context [b, m, dim_context]`` with
-        ``context_mask [b, m]``. ``rotary`` (cos, sin) applies to self-attention queries and keys."""
+        ``context_mask [b, m]``. ``rotary`` (cos, sin) applies to self-attention queries and keys.
+        ``doc_layout`` (self-attention, no ``mask``): packed documents on the varlen path."""
         cross = context is not None
         kv_in = context if cross else x
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
@@ -135,21 +182,47 @@ class Attention(nn.Module):
         causal = self.causal and not cross
         key_mask = context_mask if cross else mask
         dropout_p = self.dropout if self.training else 0.0
+        varlen = not cross and key_mask is None and (doc_layout is not None or doc_ids is not None)
+        if varlen and self.backend != "sdpa":
+            layout = doc_layout or DocLayout.from_doc_ids(doc_ids)
+            with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
+                out = self._varlen(q, k, v, layout, causal, dropout_p)
+            return self.to_out(rearrange(out, "(b n) h d -> b n (h d)", b=q.shape[0]))
         with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
-            if self._use_varlen(q, cross, key_mask, doc_ids):
-                out = self._flash_varlen(q, k, v, doc_ids, causal, dropout_p)
-            else:
-                out = self._sdpa(q, k, v, causal, key_mask, None if cross else doc_ids, dropout_p)
+            out = self._sdpa(q, k, v, causal, key_mask, None if cross else doc_ids, dropout_p)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
-    def _use_varlen(self, q, cross, key_mask, doc_ids) -> bool:
-        if self.backend == "sdpa" or cross or doc_ids is None or key_mask is not None:
-            return False
-        ok = _HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        if self.backend == "flash_varlen" and not ok:
-            raise RuntimeError("backend='flash_varlen' needs flash-attn installed, CUDA tensors and "
-                               f"fp16/bf16 (got {q.device}, {q.dtype}, flash-attn installed: {_HAS_FLASH_ATTN})")
-        return ok
+    def _varlen(self, q, k, v, layout: DocLayout, causal: bool, dropout_p: float) -> torch.Tensor:
+        """Attention within each packed document: ``[b, h, n, d] -> [(b n), h, d]``."""
+        if tuple(q.shape[:1] + q.shape[2:3]) != layout.shape:
+            raise ValueError(f"doc layout of a {layout.shape} batch, queries {tuple(q.shape)}")
+        flat = lambda t: rearrange(t, "b h n d -> (b n) h d")  # noqa: E731
+        q, k, v = flat(q), flat(k), flat(v)
+        cu, n = layout.cu_seqlens, layout.max_len
+        fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        if fast and _HAS_FLASH_ATTN:
+            from flash_attn import flash_attn_varlen_func  # CUDA-only; imported when used
+
+            return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p, causal=causal)
+        if fast and dropout_p == 0:
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0) if causal else (-1, -1),
+                               enable_gqa=self.kv_heads != self.heads)
+        if self.backend == "flash_varlen":
+            raise RuntimeError("backend='flash_varlen' needs CUDA tensors in fp16/bf16 (and flash-attn for "
+                               f"dropout); got {q.device}, {q.dtype}, dropout {dropout_p}")
+        return self._per_document(q, k, v, layout.host_bounds(), causal, dropout_p)
+
+    def _per_document(self, q, k, v, bounds, causal, dropout_p):
+        """The varlen path's CPU twin: one SDPA call per document, on ``[(b n), h, d]``."""
+        gqa, outs = self.kv_heads != self.heads, []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            part = lambda t: t[start:end].transpose(0, 1).unsqueeze(0)  # noqa: E731 - [1, h, len, d]
+            o = F.scaled_dot_product_attention(part(q), part(k), part(v), dropout_p=dropout_p, is_causal=causal,
+                                               enable_gqa=gqa)
+            outs.append(o.squeeze(0).transpose(0, 1))
+        return torch.cat(outs, dim=0)
 
     def _sdpa(self, q, k, v, causal, key_mask, doc_ids, dropout_p):
         n, m = q.shape[-2], k.shape[-2]
@@ -164,14 +237,3 @@ class Attention(nn.Module):
         empty = ~mask.any(dim=-1, keepdim=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, dropout_p=dropout_p)
         return out.masked_fill(empty, 0.0)
-
-    def _flash_varlen(self, q, k, v, doc_ids, causal, dropout_p):
-        from flash_attn import flash_attn_varlen_func  # CUDA-only; imported when used
-
-        b, _, n, _ = q.shape
-        cu, max_len = _cu_seqlens(doc_ids)
-        flat = lambda t: rearrange(t, "b h n d -> (b n) h d")  # noqa: E731
-        out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, max_len, max_len,
-                                     dropout_p=dropout_p, causal=causal)
-        return rearrange(out, "(b n) h d -> b h n d", b=b)
-

@@ -45,11 +45,13 @@ class StepResult:
     stop_requested: bool = False  # some rank asked to stop (a signal), decided with the step's numbers
 
 
-def split_micro_batches(batch: dict, micro_batch: int, device) -> list[dict]:
-    """Rows ``[i, i + micro_batch)`` of every tensor, on ``device``."""
+def split_micro_batches(batch: dict, micro_batch: int, device, prepare=None) -> list[dict]:
+    """Rows ``[i, i + micro_batch)`` of every tensor, given to ``prepare`` (the model's host-side
+    preparation, e.g. packed documents' layout) and then moved to ``device``."""
     rows = next(iter(batch.values())).shape[0]
-    return [{k: v[i:i + micro_batch].to(device, non_blocking=True) for k, v in batch.items()}
-            for i in range(0, rows, micro_batch)]
+    prepare = prepare or (lambda mb: mb)
+    micro = [prepare({k: v[i:i + micro_batch] for k, v in batch.items()}) for i in range(0, rows, micro_batch)]
+    return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro]
 
 
 def _world(groups: ParallelGroups):
@@ -66,11 +68,11 @@ def _zero_grad_surrogate(engine) -> torch.Tensor:
 
 def train_step(engine, batch: dict, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
                step: int = 0, stop_requested: bool = False) -> StepResult:
-    micro = split_micro_batches(batch, micro_batch, engine.device)
+    model = engine.module
+    micro = split_micro_batches(batch, micro_batch, engine.device, getattr(model, "prepare_batch", None))
     if len(micro) != engine.gradient_accumulation_steps():
         raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "
                            f"{engine.gradient_accumulation_steps()}")
-    model = engine.module
     # [positions, real positions, loss tokens] of the global batch, reduced on the device
     counts = all_reduce(sum(model.token_counts(mb) for mb in micro), groups.dp_group)
     scale = (groups.dp_size * len(micro)) / counts[2].clamp(min=1.0)

@@ -1,0 +1,94 @@
+"""Packed documents on the varlen path (no n x n mask) equal the dense-mask path: logits and every
+gradient, with GQA, rotary, learned positions, activation checkpointing, causal and bidirectional
+stacks; a packed training step builds no mask; bad document ids are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xft_dist.nn.attention as attention
+from xft_dist import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper
+from xft_dist.nn.attention import DocLayout
+
+VOCAB = 50
+
+
+def _doc_ids(b=3, n=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cuts = [sorted(torch.randperm(n - 1, generator=gen)[:3].add(1).tolist()) for _ in range(b)]
+    ids = torch.zeros(b, n, dtype=torch.long)
+    for r, row in enumerate(cuts):
+        for c in row:
+            ids[r, c:] += 1
+    return ids
+
+
+def _net(layers_cls=Decoder, **kw):
+    torch.manual_seed(0)
+    layers = layers_cls(dim=32, depth=2, heads=4, attn_dim_head=8, **kw)
+    return TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=layers)
+
+
+def _both(net, seq, doc_ids):
+    """(varlen logits and grads, dense-mask logits and grads) of the same net and inputs."""
+    out = []
+    for mask in (None, torch.ones_like(seq, dtype=torch.bool)):  # a mask forces the dense path
+        net.zero_grad(set_to_none=True)
+        logits = net(seq, doc_ids=doc_ids, mask=mask)
+        (logits.square().mean() + logits[:, :, 3].sum()).backward()
+        out.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    return out
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"attn_kv_heads": 2}, {"rotary_pos_emb": False}, {"activation_checkpointing": 1, "attn_kv_heads": 1},
+])
+@pytest.mark.parametrize("layers_cls", [Decoder, Encoder])
+def test_varlen_equals_dense_mask(layers_cls, kw):
+    net = _net(layers_cls, **kw).double()  # fp64: the two paths agree to rounding, far inside 1e-5
+    doc_ids = _doc_ids()
+    seq = torch.randint(1, VOCAB, doc_ids.shape)
+    (logits, grads), (ref_logits, ref_grads) = _both(net, seq, doc_ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_packed_training_step_builds_no_n_by_n_mask(monkeypatch):
+    net = _net()
+    model = AutoregressiveWrapper(net, check_ids=False)
+    doc_ids = _doc_ids(n=16)
+    ids = torch.randint(1, VOCAB, (3, 17))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": doc_ids,
+             "positions": torch.zeros_like(doc_ids), "loss_mask": torch.ones(3, 16),
+             "mask": torch.ones(3, 16, dtype=torch.bool)}
+
+    def no_mask(*a, **kw):
+        raise AssertionError("a dense attention mask was built for a packed batch")
+
+    sdpa = F.scaled_dot_product_attention
+
+    def checked_sdpa(q, k, v, attn_mask=None, **kw):
+        assert attn_mask is None, "SDPA got a mask"
+        assert q.shape[-2] < 16 or kw.get("is_causal"), "attention over a whole row without a mask"
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(attention, "attention_mask", no_mask)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", checked_sdpa)
+    loss_sum, count = model(model.prepare_batch(batch))
+    loss_sum.backward()
+    assert count > 0 and torch.isfinite(loss_sum)
+
+
+def test_layout_of_a_batch():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])
+    layout = DocLayout.from_doc_ids(doc_ids)
+    assert layout.bounds == (0, 2, 5, 6, 8, 10)
+    assert layout.cu_seqlens.dtype == torch.int32 and layout.cu_seqlens.tolist() == list(layout.bounds)
+
+
+def test_decreasing_document_ids_are_named():
+    with pytest.raises(ValueError, match="doc_ids row 1 decreases"):
+        DocLayout.from_doc_ids(torch.tensor([[0, 0, 1], [0, 1, 0]]))
