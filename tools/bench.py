@@ -5,6 +5,8 @@
     python tools/bench.py --dim 768 --depth 12 --heads 12 --seq 1024 --batch 8 --dtype bf16   # on a GPU
     python tools/bench.py --mode data [--shards DIR]   # raw webdataset read vs the packed loader
     python tools/bench.py --mode converge --dim 192 --depth 4 --heads 6 --lr 2e-3   # loss curves, same batches
+    python tools/bench.py --mode loss --tokens 8192 --dim 1024 --vocab 32768       # fused head + loss vs unfused
+    python tools/bench.py --mode attention --seq 8192 --docs 8                       # packed (varlen) attention
 
 Each implementation runs in its own subprocess (so peak memory is its own): ``warmup`` steps, then
 ``steps`` timed steps of forward + next-token loss + backward + AdamW. Prints tokens/s, step time,
@@ -29,7 +31,9 @@ IMPLS = ("xft", "x-transformers")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["model", "data", "converge"], default="model")
+    p.add_argument("--mode", choices=["model", "data", "converge", "loss", "attention"], default="model")
+    p.add_argument("--tokens", type=int, default=8192, help="loss mode: tokens")
+    p.add_argument("--docs", type=int, default=8, help="attention mode: documents per row")
     p.add_argument("--shards", help="data mode: a shard directory (default: a synthetic corpus in a temp dir)")
     p.add_argument("--workers", type=int, default=1, help="data mode: DataLoader workers of the packed loader")
     p.add_argument("--data-tokens", type=int, default=4_000_000, help="data mode: tokens to read per side")
@@ -53,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="converge mode: xft_dist init scheme (default: the schema's)")
     p.add_argument("--tie", action="store_true", help="converge mode: tie embedding and head on both sides")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)  # internal: run one, print JSON
+    p.add_argument("--impl", help=argparse.SUPPRESS)  # internal: run one implementation, print JSON
     p.add_argument("--batches", help=argparse.SUPPRESS)  # internal: converge mode's batch file
     return p.parse_args(argv)
 
@@ -218,6 +222,17 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.mode == "data":
         return bench_data(a)
+    if a.mode in ("loss", "attention"):
+        from bench_kernels import kernels, run_variant  # tools/bench_kernels.py
+
+        if a.device == "auto":
+            import torch
+
+            a.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if a.impl:
+            print(json.dumps(run_variant(a.impl, a)))
+            return 0
+        return kernels(a, argv if argv is not None else sys.argv[1:])
     if a.mode == "converge":
         from bench_converge import converge, train_curve  # tools/bench_converge.py
 

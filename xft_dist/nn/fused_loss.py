@@ -25,7 +25,7 @@ from torch.distributed import ProcessGroup
 from ..parallel.comm import all_reduce, group_size
 from .loss import _ce_forward, _ce_grad_, check_loss_args, check_targets
 
-_CHUNK_ELEMENTS = 1 << 24  # default chunk: about 16 M logits (64 MiB in fp32) per rank
+_CHUNK_ELEMENTS = 1 << 23  # default chunk: about 8 M logits (32 MiB in fp32) per rank
 
 
 def _chunks(n: int, size: int):
@@ -79,8 +79,9 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             _, grad_h, grad_w = _chunk_pass(hidden, weight, target, g, want_h=want_h, want_w=want_w,
                                             group=ctx.group, ce=ctx.ce)
         else:
-            grad_h = grad_h * g.unsqueeze(-1).to(grad_h.dtype) if want_h else None  # exact per token
-            grad_w = grad_w * c.to(grad_w.dtype) if want_w else None
+            # in place: these buffers become the gradients (exact per token for the hidden states)
+            grad_h = grad_h.mul_(g.unsqueeze(-1).to(grad_h.dtype)) if want_h else None
+            grad_w = grad_w.mul_(c.to(grad_w.dtype)) if want_w else None
         if want_h:
             # hidden is replicated over the TP ranks: its gradient is the sum of every shard's part
             grad_h = all_reduce(grad_h, ctx.group).to(hidden.dtype)
@@ -107,7 +108,7 @@ def fused_head_cross_entropy(
     on ``hidden [..., d]`` against ``target [...]``; shaped like ``target``, 0 where ignored.
 
     Same options as ``vocab_parallel_cross_entropy``; ``chunk_tokens`` bounds the tokens per chunk
-    (default: about 16 M logits per chunk on this rank). ``check_ids=False`` skips the id check
+    (default: about 8 M logits per chunk on this rank). ``check_ids=False`` skips the id check
     (a host sync). ``uniform_grad=True`` promises that the losses are summed or averaged with one
     weight for every counted token, so the backward need not check it (another host sync).
     """
