@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # DeepSpeed JIT-compiles a small C++ op on its first distributed init; cache it inside the repo.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test lint pretrain clean
+.PHONY: install test lint pretrain gpu-smoke clean
 
 # The default corpus: the Python standard library's top-level modules, tokenized to bytes.
 STDLIB = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
@@ -37,6 +37,10 @@ data/stdlib/manifest.json: | $(STAMP)
 pretrain: $(STAMP) data/stdlib/manifest.json
 	WANDB_MODE=offline OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu \
 		$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml $(ARGS)
+
+# The first run on a GPU machine: GPU tests, 30 bf16 steps of gpt_125m, the GPT-2-small bench.
+gpu-smoke: $(STAMP)
+	$(PY) tools/gpu_smoke.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -45,3 +45,10 @@ def test_bench_converge_mode_trains_both_on_the_same_batches_and_prints_the_rati
     assert abs(first_xft - 5.56) < 0.6 and abs(first_xt - 5.56) < 0.6, out.stdout
     ratio = next(line for line in lines if line.startswith("xft / x-t")).split()[-1]
     assert float(ratio) > 0, out.stdout
+
+
+def test_gpu_smoke_without_a_gpu_says_what_to_install():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_smoke.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "CPU build" in out.stderr or "sees no GPU" in out.stderr, out.stderr
