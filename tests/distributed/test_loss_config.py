@@ -103,6 +103,8 @@ def fused_head_loss_tp2_matches_unfused_tp1():
             assert_close(h_tp.grad, h_ref.grad, f"{what}: hidden grad")
             w_grad = torch.cat([w_ref.grad, w_ref.grad.new_zeros(1, 8)]).chunk(2)[dist.get_rank()]
             assert_close(w_tp.grad, w_grad, f"{what}: weight grad")
+    with pytest.raises(ValueError, match="pass this rank's shard, not the full vocabulary"):
+        fused_head_cross_entropy(hidden, weight, target, group=g.tp_group, vocab_size=21)
 
 
 @pytest.fixture(scope="module")

@@ -71,3 +71,24 @@ def test_bad_input_is_named():
         fused_head_cross_entropy(hidden, weight[:, :8], target)
     with pytest.raises(ValueError, match="target id 30 is outside the vocabulary"):
         fused_head_cross_entropy(hidden, weight, torch.full_like(target, 30), vocab_size=REAL)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_wrapper_fused_loss_equals_unfused_tied_and_untied(tie):
+    from xft_dist import AutoregressiveWrapper, Decoder, TransformerWrapper
+
+    seq = torch.randint(1, 40, (3, 19), generator=torch.Generator().manual_seed(1))
+    seq[2, 12:] = 0  # padding: never trained on
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = TransformerWrapper(num_tokens=40, max_seq_len=32, tie_embedding=tie,
+                                 attn_layers=Decoder(dim=16, depth=1, heads=2, attn_dim_head=8))
+        model = AutoregressiveWrapper(net, fused_loss=fused, loss_chunk_tokens=7, label_smoothing=0.1, z_loss=1e-3)
+        loss = model(seq)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

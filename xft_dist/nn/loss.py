@@ -105,6 +105,9 @@ def check_loss_args(*, vocab_size: int, padded: int, tp: int, shard: int, label_
     if not 0 < vocab_size <= padded:
         raise ValueError(f"vocab_size={vocab_size}: expected 1..{padded} (the padded vocab across "
                          f"{tp} rank(s) of {shard} columns)")
+    if tp > 1 and shard * (tp - 1) >= vocab_size:
+        raise ValueError(f"a vocab shard of {shard} columns per rank leaves the last of {tp} tensor-parallel "
+                         f"ranks none of the {vocab_size} real ids: pass this rank's shard, not the full vocabulary")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing={label_smoothing}: expected a value in [0, 1]")
     if z_loss < 0:
