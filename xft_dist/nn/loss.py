@@ -19,10 +19,11 @@ from torch.distributed import ProcessGroup
 from ..parallel.comm import all_reduce, group_rank, group_size
 
 
-def _ce_forward(logits, target, group, vocab_size, ignore_index, label_smoothing, z_loss):
+def _ce_forward(logits, target, group, vocab_size, ignore_index, label_smoothing, z_loss, *, own_buffer=False):
     """Per-token losses of vocab-split ``logits``, and what the gradient needs (``saved``).
 
-    Works on one fp32 copy of the shard, which ends up holding the softmax (``saved[0]``)."""
+    Works on one fp32 copy of the shard, which ends up holding the softmax (``saved[0]``); with
+    ``own_buffer`` fp32 logits are that buffer themselves (the caller will not read them again)."""
     v_local = logits.shape[-1]
     start = group_rank(group) * v_local
     n_real = max(0, min(v_local, vocab_size - start))  # real (unpadded) columns on this rank
@@ -35,7 +36,7 @@ def _ce_forward(logits, target, group, vocab_size, ignore_index, label_smoothing
 
     # The one fp32 buffer of the vocab shard (a copy, never the caller's tensor): shifted
     # logits, then exps, then softmax, then (for the gradient) the gradient, all in place.
-    shifted = logits.to(torch.float32, copy=True).sub_(row_max.unsqueeze(-1))
+    shifted = logits.to(torch.float32, copy=not own_buffer).sub_(row_max.unsqueeze(-1))
     if n_real < v_local:
         shifted[..., n_real:] = float("-inf")  # padded columns get exp(-inf) = 0 probability
 
