@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["model", "data", "converge", "loss", "attention"], default="model")
     p.add_argument("--tokens", type=int, default=8192, help="loss mode: tokens")
     p.add_argument("--docs", type=int, default=8, help="attention mode: documents per row")
+    p.add_argument("--tp", type=int, default=1, help="loss mode: tensor-parallel ranks (gloo processes)")
     p.add_argument("--shards", help="data mode: a shard directory (default: a synthetic corpus in a temp dir)")
     p.add_argument("--workers", type=int, default=1, help="data mode: DataLoader workers of the packed loader")
     p.add_argument("--data-tokens", type=int, default=4_000_000, help="data mode: tokens to read per side")

@@ -68,25 +68,28 @@ def _timed(fn, repeats: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_loss(variant: str, a) -> dict:
+def run_loss(variant: str, a, group=None) -> dict:
+    """One rank: this rank's vocab shard of the head (``a.vocab / tp`` rows) over the TP ``group``."""
     import torch
     import torch.nn.functional as F
 
     from xft_dist.nn import fused_head_cross_entropy, vocab_parallel_cross_entropy
+    from xft_dist.parallel import copy_to_tp
 
     torch.manual_seed(0)
     device, dtype = a.device, torch.bfloat16 if a.dtype == "bf16" else torch.float32
     hidden = torch.randn(a.tokens, a.dim, device=device, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(a.vocab, a.dim, device=device, dtype=dtype) * 0.02).requires_grad_(True)
+    weight = (torch.randn(a.vocab // a.tp, a.dim, device=device, dtype=dtype) * 0.02).requires_grad_(True)
     target = torch.randint(0, a.vocab, (a.tokens,), device=device)
     grads = (hidden.numel() + weight.numel()) * hidden.element_size()  # the inputs' gradients: not "extra"
+    kw = dict(group=group, vocab_size=a.vocab, check_ids=False)
 
     def step():
         hidden.grad = weight.grad = None
         if variant == "fused":
-            losses = fused_head_cross_entropy(hidden, weight, target, uniform_grad=True, check_ids=False)
+            losses = fused_head_cross_entropy(hidden, weight, target, uniform_grad=True, **kw)
         else:
-            losses = vocab_parallel_cross_entropy(F.linear(hidden, weight), target, check_ids=False)
+            losses = vocab_parallel_cross_entropy(F.linear(copy_to_tp(hidden, group), weight), target, **kw)
         losses.mean().backward()
 
     step()  # warm-up, outside the measured peak
@@ -147,7 +150,7 @@ def kernels(a, argv: list[str]) -> int:
             return 1
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"# {date.today()}  {a.mode}: device={a.device} dtype={a.dtype} "
-          + (f"tokens={a.tokens} dim={a.dim} vocab={a.vocab}" if a.mode == "loss"
+          + (f"tokens={a.tokens} dim={a.dim} vocab={a.vocab} tp={a.tp} (rank 0)" if a.mode == "loss"
              else f"seq={a.seq} docs={a.docs} heads={a.heads}x{a.dim_head}"))
     print(f"# python tools/bench.py {' '.join(argv)}")
     print(f"{'':14}{'seconds':>9}{'extra MiB':>11}")
@@ -155,8 +158,8 @@ def kernels(a, argv: list[str]) -> int:
         print(f"{r['variant']:14}{r['seconds']:>9.3f}{r['extra_bytes'] / MiB:>11.0f}")
     by = {r["variant"]: r for r in rows}
     if a.mode == "loss":
-        logits = a.tokens * a.vocab * 4
-        print(f"full logits: {logits / MiB:.0f} MiB; extra memory / logits: fused "
+        logits = a.tokens * a.vocab // a.tp * 4
+        print(f"full logits (of this rank's shard): {logits / MiB:.0f} MiB; extra memory / logits: fused "
               f"{by['fused']['extra_bytes'] / logits:.3f}, unfused {by['unfused']['extra_bytes'] / logits:.3f}; "
               f"time fused / unfused {by['fused']['seconds'] / by['unfused']['seconds']:.2f}")
     else:
@@ -166,5 +169,38 @@ def kernels(a, argv: list[str]) -> int:
     return 0
 
 
+def _loss_rank(rank: int, variant: str, a, port: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(a.tp))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    result = run_loss(variant, a, dist.group.WORLD)
+    if rank == 0:
+        out.put(result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_variant(variant: str, a) -> dict:
-    return run_loss(variant, a) if a.mode == "loss" else run_attention(variant, a)
+    if a.mode == "attention":
+        return run_attention(variant, a)
+    if a.tp == 1:
+        return run_loss(variant, a)
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_loss_rank, args=(r, variant, a, port, out)) for r in range(a.tp)]
+    for p in procs:
+        p.start()
+    result = out.get()
+    for p in procs:
+        p.join()
+    return result
