@@ -99,6 +99,9 @@ class DocLayout:
             bounds = tuple(int(i) for i in np.nonzero(starts.reshape(-1))[0]) + (b * n,)
             cu = torch.tensor(bounds, dtype=torch.int32)
         else:
+            if n > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
+                raise ValueError("doc_ids decrease within a row: document ids must be non-decreasing within a "
+                                 "row (each document one contiguous run)")
             start_idx = torch.nonzero(document_starts(doc_ids).flatten(), as_tuple=False).flatten()
             cu, bounds = torch.cat([start_idx, start_idx.new_tensor([b * n])]).to(torch.int32), None
         return cls(cu_seqlens=cu, bounds=bounds, max_len=n, shape=(b, n))
