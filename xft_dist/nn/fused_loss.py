@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.distributed import ProcessGroup
 
-from ..parallel.comm import all_reduce, group_size
+from ..parallel.comm import all_reduce_, group_size
 from .loss import _ce_forward, _ce_grad_, check_loss_args, check_targets
 
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: about 16 M logits (64 MiB in fp32) per rank
@@ -91,7 +91,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             grad_w = grad_w.mul_(c.to(grad_w.dtype)) if want_w else None
         if want_h:
             # hidden is replicated over the TP ranks: its gradient is the sum of every shard's part
-            grad_h = all_reduce(grad_h, ctx.group).to(hidden.dtype)
+            grad_h = all_reduce_(grad_h, ctx.group).to(hidden.dtype)  # our buffer: reduced in place
         if want_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None
@@ -115,9 +115,10 @@ def fused_head_cross_entropy(
     on ``hidden [..., d]`` against ``target [...]``; shaped like ``target``, 0 where ignored.
 
     Same options as ``vocab_parallel_cross_entropy``; ``chunk_tokens`` bounds the tokens per chunk
-    (default: about 16 M logits per chunk on this rank). ``check_ids=False`` skips the id check
-    (a host sync). ``uniform_grad=True`` promises that the losses are summed or averaged with one
-    weight for every counted token, so the backward need not check it (another host sync).
+    (default: at most about 16 M logits and 1/16 of the tokens per chunk on this rank).
+    ``check_ids=False`` skips the id check (a host sync). ``uniform_grad=True`` promises that the
+    losses are summed or averaged with one weight for every counted token, so the backward need not
+    check it (another host sync).
     """
     if hidden.shape[:-1] != target.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and target {tuple(target.shape)} disagree: "
@@ -135,7 +136,9 @@ def fused_head_cross_entropy(
     target = target.long()
     if check_ids:  # a host sync; the trainer turns it off (its loader checks ids on read)
         check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
-    chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    n = target.numel()
+    # at most ~16 M logits, and at most 1/16 of the tokens, so the chunk stays small next to the shard
+    chunk = chunk_tokens or max(1, min(_CHUNK_ELEMENTS // weight.shape[0], -(-n // 16)))
     ce = dict(vocab_size=vocab_size, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
               z_loss=float(z_loss), chunk=chunk, uniform_grad=bool(uniform_grad))
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)

@@ -4,6 +4,7 @@ from .comm import (
                    all_gather,
                    all_gather_object,
                    all_reduce,
+                   all_reduce_,
                    any_rank,
                    barrier,
                    broadcast,
@@ -23,7 +24,7 @@ from .random import TP_STREAM, RNGStreams, capture_rng_state, restore_rng_state,
 __all__ = [
     "ParallelGroups", "DeepSpeedMPU",
     "copy_to_tp", "reduce_from_tp", "scatter_to_tp", "gather_from_tp", "group_size", "group_rank",
-    "group_device", "all_reduce", "all_gather", "all_gather_object", "reduce_scatter", "broadcast",
+    "group_device", "all_reduce", "all_reduce_", "all_gather", "all_gather_object", "reduce_scatter", "broadcast",
     "barrier", "reduce_values", "any_rank",
     "RNGStreams", "TP_STREAM", "seed_all", "capture_rng_state", "restore_rng_state",
 ]

@@ -9,6 +9,7 @@ collective anywhere else, checked by ``tests/unit/test_collectives_ast.py``) kee
 Plain collectives (functional: the input is never modified)::
 
     all_reduce(x, group, op="sum")      all_gather(x, group, dim)        reduce_scatter(x, group, dim)
+    all_reduce_(x, group) (in place)
     broadcast(x, group, src)            all_gather_object(obj, group)    barrier(group)
     reduce_values([a, b], group)        any_rank(flag, group)
 
@@ -95,6 +96,18 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None, *, op: str | dist.Re
     y = _place(x, group)
     dist.all_reduce(y, op=_op(op), group=group)
     return y.to(x.device)
+
+
+def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, *, op: str | dist.ReduceOp = "sum") -> torch.Tensor:
+    """In place when ``x`` is contiguous and already on the group's device (the caller owns it);
+    otherwise through a placed copy, written back. Returns ``x``."""
+    if group_size(group) == 1:
+        return x
+    device = group_device(group)
+    if x.is_contiguous() and (device is None or x.device == device):
+        dist.all_reduce(x, op=_op(op), group=group)
+        return x
+    return x.copy_(all_reduce(x, group, op=op))
 
 
 def reduce_values(values: Sequence[float] | torch.Tensor, group: ProcessGroup | None = None, *,
