@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from xft_dist.ckpt import CheckpointManager
-from xft_dist.ckpt.convert import consolidate, read_checkpoint_config
+from xft_dist.ckpt.convert import at_tp1, consolidate, read_checkpoint_config
 from xft_dist.runtime import DistEnv
 from xft_dist.train.setup import VocabFacts, build_run
 
@@ -24,7 +24,7 @@ from xft_dist.train.setup import VocabFacts, build_run
 def reference_model(ckpt: Path) -> torch.nn.Module:
     """The TP=1 model of the checkpoint's config, on the meta device, built as the trainer builds it."""
     cfg, shared = read_checkpoint_config(ckpt)
-    cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": 1})})
+    cfg = at_tp1(cfg)
     vocab = VocabFacts(num_tokens=shared["num_tokens"], pad_id=shared["pad_id"], tokenizer_vocab=shared["num_tokens"],
                        num_sentinels=0)
     return build_run(cfg, DistEnv.single(), upto="model", vocab=vocab, device="meta").model

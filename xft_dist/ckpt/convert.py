@@ -31,7 +31,7 @@ def _read(ckpt: Path):
     return cfg, shared
 
 
-def _tp1(cfg):
+def at_tp1(cfg):
     """The same config at tensor-parallel size 1 (one process holds the whole model)."""
     return cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": 1})})
 
@@ -60,7 +60,7 @@ def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -
     shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
     if reference is None:
         with torch.device("meta"):
-            reference = build_model(_tp1(cfg), ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
+            reference = build_model(at_tp1(cfg), ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
                                     pad_id=shared["pad_id"])
     full = {}
     for key, want in reference.state_dict().items():
@@ -80,7 +80,7 @@ def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -
 def load_consolidated(path: str | Path):
     """A single-process model (TP=1) with the weights of ``consolidate``'s output file."""
     data = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = _tp1(validate(yaml.safe_load(data["config"])))
+    cfg = at_tp1(validate(yaml.safe_load(data["config"])))
     model = build_model(cfg, ParallelGroups.single(), None, num_tokens=data["num_tokens"], pad_id=data["pad_id"])
     model.load_state_dict(data["model"])
     return model
