@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xft_dist.nn import fused_head_cross_entropy, masked_loss_sum, vocab_parallel_cross_entropy
 
@@ -61,6 +62,43 @@ def test_fp32_and_bf16_follow_the_unfused_path():
         plain = vocab_parallel_cross_entropy(F.linear(h, w), target, vocab_size=REAL)
         assert fused.dtype == torch.float32
         torch.testing.assert_close(fused, plain, rtol=tol, atol=tol)
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of every matrix product that reaches the kernels (after autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.seen.update(a.dtype for a in args if isinstance(a, torch.Tensor) and a.ndim == 2)
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_autocast_the_matmuls_run_in_its_dtype_and_match_f_linear():
+    """fp32 parameters under bf16 autocast: the head's three matmuls are bf16 (as F.linear's would
+    be: tensor cores on a GPU), the gradients come back fp32 and match the unfused path's."""
+    hidden, weight, target, _ = _inputs()
+    grads, seen = [], set()
+    for fused in (True, False):
+        h = hidden.float().requires_grad_(True)
+        w = weight.float().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                with _MatmulDtypes() as spy:
+                    losses = fused_head_cross_entropy(h, w, target, vocab_size=REAL, chunk_tokens=9)
+                seen = spy.seen
+            else:
+                losses = vocab_parallel_cross_entropy(F.linear(h, w), target, vocab_size=REAL)
+        total, count = masked_loss_sum(losses, target)
+        (total / count).backward()
+        grads.append((losses.detach(), h.grad, w.grad))
+    assert seen == {torch.bfloat16}, seen  # forward and both gradient matmuls
+    for got, ref in zip(*grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-3)
 
 
 def test_bad_input_is_named():

@@ -92,3 +92,23 @@ def test_layout_of_a_batch():
 def test_decreasing_document_ids_are_named():
     with pytest.raises(ValueError, match="doc_ids row 1 decreases"):
         DocLayout.from_doc_ids(torch.tensor([[0, 0, 1], [0, 1, 0]]))
+
+
+@pytest.mark.parametrize("names", [
+    frozenset({"window_size", "enable_gqa"}),  # torch 2.13
+    frozenset({"is_causal"}),  # earlier releases: no GQA, no window
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_kernel_arguments_for_either_torch_signature(names, causal):
+    """The arguments handed to torch's varlen kernel give GQA attention under either signature."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    k2, v2, kwargs = attention.varlen_attn_args(names, q, k, v, causal)
+    assert set(kwargs) <= names
+    assert kwargs.get("window_size", (-1, 0 if causal else -1)) == ((-1, 0) if causal else (-1, -1))
+    assert kwargs.get("is_causal", causal) == causal
+    as_heads = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731 - [1, h, n, d]
+    ref = F.scaled_dot_product_attention(as_heads(q), as_heads(k), as_heads(v), is_causal=causal, enable_gqa=True)
+    out = F.scaled_dot_product_attention(as_heads(q), as_heads(k2), as_heads(v2), is_causal=causal,
+                                         enable_gqa=kwargs.get("enable_gqa", False))
+    torch.testing.assert_close(out, ref)

@@ -44,7 +44,7 @@ class ModelSection(Section):
     enc_depth: int = Field(4, ge=1, description="encoder_decoder: encoder layers")
     enc_dim: int | None = Field(None, ge=1, description="encoder_decoder: encoder width (default dim)")
     fused_loss: bool = Field(True, description="output head + loss fused, chunk by chunk: never the full logits")
-    loss_chunk_tokens: int | None = Field(None, ge=1, description="fused_loss: tokens per chunk (default ~16M logits)")
+    loss_chunk_tokens: int | None = Field(None, ge=1, description="fused_loss: tokens per chunk (default ~128M logits)")
     init: Literal["normal", "small_init", "xtransformers"] = Field(  # choices.INIT_SCHEMES
         DEFAULT_INIT, description="initialisation scheme (xft_dist/nn/init.py; default measured in docs/perf.md)")
     init_std: float = Field(0.02, gt=0, description="init=normal: std of every matrix (outputs: / sqrt(2 layers))")

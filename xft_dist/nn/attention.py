@@ -18,7 +18,9 @@ document (causal where the stack is), which computes the same thing.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,29 @@ from .position import apply_rotary, document_starts
 
 BACKENDS = ("auto", "sdpa", "flash_varlen")
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _parameter_names(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def varlen_attn_args(names: frozenset[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    """``(k, v, kwargs)`` for torch's ``varlen_attn`` whose keyword names are ``names``: torch 2.13
+    takes ``window_size`` and ``enable_gqa``; earlier releases ``is_causal`` and equal head counts
+    (grouped keys and values are then repeated per query head, as ``enable_gqa`` would read them)."""
+    kwargs: dict = {}
+    if k.shape[-2] != q.shape[-2]:
+        if "enable_gqa" in names:
+            kwargs["enable_gqa"] = True
+        else:
+            group = q.shape[-2] // k.shape[-2]
+            k, v = k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
+    if "window_size" in names:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    return k, v, kwargs
 
 
 def attention_mask(
@@ -210,8 +235,8 @@ class Attention(nn.Module):
         if fast and dropout_p == 0:
             from torch.nn.attention.varlen import varlen_attn
 
-            return varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0) if causal else (-1, -1),
-                               enable_gqa=self.kv_heads != self.heads)
+            k, v, kwargs = varlen_attn_args(_parameter_names(varlen_attn), q, k, v, causal)
+            return varlen_attn(q, k, v, cu, cu, n, n, **kwargs)
         if self.backend == "flash_varlen":
             raise RuntimeError("backend='flash_varlen' needs CUDA tensors in fp16/bf16 (and flash-attn for "
                                f"dropout); got {q.device}, {q.dtype}, dropout {dropout_p}")
