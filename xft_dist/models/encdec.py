@@ -92,3 +92,20 @@ class EncoderDecoder(nn.Module):
             tgt_mask = tgt != self.pad_value
         enc = self.encode(src, src_mask)
         return self.decoder(tgt, mask=tgt_mask, context=enc, context_mask=src_mask, return_sums=return_sums)
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, start: torch.Tensor, seq_len: int, *, src_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """``seq_len`` decoder tokens after ``start`` (``[b, n]`` or a list), given ``src``; the
+        encoder runs once and cross-attention keys and values are cached with ``cache_kv``.
+        ``kwargs``: those of ``AutoregressiveWrapper.generate``."""
+        if src_mask is None:
+            src_mask = src != self.pad_value
+        was_training = self.training
+        self.eval()
+        try:
+            enc = self.encode(src, src_mask)
+            return self.decoder.generate(start, seq_len, context=enc, context_mask=src_mask, **kwargs)
+        finally:
+            self.train(was_training)
+

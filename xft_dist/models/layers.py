@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ..nn import Attention, FeedForward, RotaryEmbedding, checkpoint, document_positions, make_norm
-from ..nn.attention import DocLayout
+from ..nn.attention import DocLayout, KVCache
 from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams
+from .cache import BlockCache, LayerIntermediates
 
 
 class Block(nn.Module):
@@ -27,19 +28,23 @@ class Block(nn.Module):
         self.attn = Attention(dim, kv_heads=kv_heads, causal=causal, **attn_kw)
         if cross_attend:
             self.cross_norm = make_norm(dim, rmsnorm=use_rmsnorm)
-            self.cross_attn = Attention(dim, dim_context=dim_context, **attn_kw)
+            self.cross_attn = Attention(dim, dim_context=dim_context or dim, **attn_kw)
         else:
             self.cross_norm = self.cross_attn = None
         self.ff_norm = make_norm(dim, rmsnorm=use_rmsnorm)
         self.ff = FeedForward(dim, mult=ff_mult, glu=ff_glu, swish=ff_swish, dropout=ff_dropout,
                               group=group, rng=rng, init=init, num_layers=num_layers)
 
-    def forward(self, x, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None, doc_layout=None):
-        x = x + self.attn(self.attn_norm(x), mask=mask, doc_ids=doc_ids, rotary=rotary, doc_layout=doc_layout)
+    def forward(self, x, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None, doc_layout=None,
+                context_rotary=None, cache: BlockCache | None = None):
+        x = x + self.attn(self.attn_norm(x), mask=mask, doc_ids=doc_ids, rotary=rotary, doc_layout=doc_layout,
+                          cache=cache.self_attn if cache is not None else None)
         if self.cross_attn is not None:
-            if context is None:
+            cross_cache = cache.cross_attn if cache is not None else None
+            if context is None and (cross_cache is None or cross_cache.k is None):
                 raise ValueError("this stack was built with cross_attend=True: pass context=[b, m, dim_context]")
-            x = x + self.cross_attn(self.cross_norm(x), context=context, context_mask=context_mask)
+            x = x + self.cross_attn(self.cross_norm(x), context=context, context_mask=context_mask, rotary=rotary,
+                                    context_rotary=context_rotary, cache=cross_cache)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -77,8 +82,10 @@ class AttentionLayers(nn.Module):
         init: str | InitScheme | None = None,
         groups: ParallelGroups | None = None,
         rng: RNGStreams | None = None,
+        **unsupported,
     ):
         super().__init__()
+        reject_unsupported(type(self).__name__, unsupported)
         if depth < 1:
             raise ValueError(f"depth={depth}: expected at least one layer")
         if activation_checkpointing < 0:
@@ -114,30 +121,82 @@ class AttentionLayers(nn.Module):
         doc_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         doc_layout: DocLayout | None = None,
-    ) -> torch.Tensor:
+        pos: torch.Tensor | None = None,
+        context_pos: torch.Tensor | None = None,
+        cache: LayerIntermediates | None = None,
+        return_hiddens: bool = False,
+        **unsupported,
+    ):
         """``x [b, n, dim]`` -> ``[b, n, dim]``. ``mask [b, n]`` True for real tokens; ``doc_ids``
         keeps packed documents apart and restarts their positions; ``context`` for cross-attention.
+        ``positions`` (or x-transformers' name ``pos``) ``[b, n]`` or ``[n]``: rotary positions;
+        ``context_pos [b, m]`` or ``[m]``: rotary positions of the context, which turns rotary on in
+        cross-attention.
 
         Packed documents without a ``mask`` take the varlen path: their ``DocLayout`` (given, or built
-        here from ``doc_ids``) is made once and shared by every layer; no ``n x n`` mask exists."""
+        here from ``doc_ids``) is made once and shared by every layer; no ``n x n`` mask exists.
+
+        ``return_hiddens=True`` returns ``(out, LayerIntermediates)`` with each block's input and
+        the key/value caches; ``cache=`` (such an intermediates object) continues from them: ``x``
+        and ``mask`` then cover the whole sequence so far, only the positions after
+        ``cache.cache_length`` are computed, and ``out`` holds those."""
+        reject_unsupported(type(self).__name__ + ".forward", unsupported)
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected embeddings [b, n, {self.dim}], got {tuple(x.shape)}")
-        rotary = None
+        if pos is not None:
+            if positions is not None:
+                raise ValueError("pass positions= or pos=, not both")
+            positions = pos
+        caching = cache is not None or return_hiddens
+        start = cache.cache_length if cache is not None else 0
+        if caching and doc_ids is not None:
+            raise ValueError("cache= / return_hiddens=True take one sequence per row: no doc_ids")
+        if cache is not None and x.shape[1] <= start:
+            raise ValueError(f"cache holds {start} positions and x has {x.shape[1]}: nothing new to compute")
+        rotary = context_rotary = None
         if self.rotary is not None:
             if positions is None:
                 positions = (document_positions(doc_ids) if doc_ids is not None
                              else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1))
-            rotary = self.rotary(positions)
+            rotary = self.rotary(_rows(positions, x.shape[0])[:, start:])
+            if context_pos is not None:
+                context_rotary = self.rotary(_rows(context_pos, x.shape[0]))
         if doc_layout is None and doc_ids is not None and mask is None:
             doc_layout = DocLayout.from_doc_ids(doc_ids)
+        if caching:
+            inter = cache or LayerIntermediates(attn_cache=[
+                BlockCache(cross_attn=KVCache() if layer.cross_attn is not None else None) for layer in self.layers])
+            x = x[:, start:]
+        hiddens = []
         k = self.activation_checkpointing
         for i, layer in enumerate(self.layers):
-            args = (x, mask, context, context_mask, doc_ids, rotary, doc_layout)
+            if caching:
+                hiddens.append(x)
+                x = layer(x, mask, context, context_mask, None, rotary, None, context_rotary, inter.attn_cache[i])
+                continue
+            args = (x, mask, context, context_mask, doc_ids, rotary, doc_layout, context_rotary)
             if k and i % k == 0 and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, rng=self.rng)
             else:
                 x = layer(*args)
-        return self.final_norm(x)
+        out = self.final_norm(x)
+        if not caching:
+            return out
+        inter.hiddens, inter.last_hidden = [*hiddens, x], out
+        inter.cache_length = start + x.shape[1]
+        return out, inter
+
+
+def _rows(positions: torch.Tensor, b: int) -> torch.Tensor:
+    return positions.expand(b, -1) if positions.ndim == 1 else positions
+
+
+def reject_unsupported(where: str, kwargs: dict) -> None:
+    """x-transformers arguments this package does not implement fail loudly, never silently."""
+    if kwargs:
+        names = ", ".join(sorted(kwargs))
+        raise TypeError(f"{where}: argument(s) {names} not supported by xft_dist "
+                        "(see docs/xtransformers.md for what is)")
 
 
 class Encoder(AttentionLayers):

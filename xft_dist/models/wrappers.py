@@ -23,7 +23,9 @@ from ..nn import (
 )
 from ..nn.attention import DocLayout
 from ..nn.init import InitScheme
-from .layers import AttentionLayers
+from ..parallel import group_size
+from .cache import LayerIntermediates
+from .layers import AttentionLayers, reject_unsupported
 
 IGNORE = -100  # internal ignore index for targets that must not count
 
@@ -45,7 +47,7 @@ class TransformerWrapper(nn.Module):
         num_tokens: int,
         max_seq_len: int,
         attn_layers: AttentionLayers,
-        token_emb: VocabParallelEmbedding | None = None,
+        token_emb: nn.Module | None = None,
         tie_embedding: bool = False,
         emb_dim: int | None = None,
         emb_dropout: float = 0.0,
@@ -53,15 +55,27 @@ class TransformerWrapper(nn.Module):
         pad_to_multiple_of: int = 1,
         return_only_embed: bool = False,
         init: str | InitScheme | None = None,
+        to_logits: nn.Module | None = None,
+        **unsupported,
     ):
         super().__init__()
+        reject_unsupported("TransformerWrapper", unsupported)
         init = InitScheme.of(init) if init is not None else attn_layers.init
         self.attn_layers = attn_layers
         self.groups = attn_layers.groups
         group = self.groups.tp_group
         dim = attn_layers.dim
         self.num_tokens, self.max_seq_len = num_tokens, max_seq_len
-        if token_emb is not None:
+        tp = group_size(group)
+        plain_emb = token_emb is not None and not isinstance(token_emb, VocabParallelEmbedding)
+        if (plain_emb or to_logits is not None) and tp > 1:
+            what = "token_emb" if plain_emb else "to_logits"
+            raise ValueError(f"{what}={type(token_emb if plain_emb else to_logits).__name__}: a module of your own "
+                             f"works at tensor-parallel size 1 only (this stack has TP={tp}); leave it out to get "
+                             "the vocab-parallel VocabParallelEmbedding")
+        if plain_emb:
+            emb_dim = emb_dim or getattr(token_emb, "embedding_dim", None) or dim
+        elif token_emb is not None:
             if token_emb.num_embeddings != num_tokens:
                 raise ValueError(f"token_emb has {token_emb.num_embeddings} tokens, num_tokens={num_tokens}")
             if token_emb.group is not group:
@@ -85,9 +99,16 @@ class TransformerWrapper(nn.Module):
         self.tie_embedding = tie_embedding
         if return_only_embed:
             self.to_logits = None
+        elif to_logits is not None:
+            if tie_embedding:
+                raise ValueError("to_logits= and tie_embedding=True both set the output head: pick one")
+            self.to_logits = to_logits
         elif tie_embedding:
             if emb_dim != dim:
                 raise ValueError(f"tie_embedding needs emb_dim ({emb_dim}) == attn_layers.dim ({dim})")
+            if plain_emb and getattr(token_emb, "weight", None) is None:
+                raise ValueError(f"tie_embedding with token_emb={type(token_emb).__name__}: the module needs a "
+                                 "weight [num_tokens, dim] to tie the output head to")
             self.to_logits = None
         else:
             self.to_logits = VocabParallelEmbedding(num_tokens, dim, group=group, init_method=init.head(dim),
@@ -96,9 +117,23 @@ class TransformerWrapper(nn.Module):
 
     @property
     def head(self) -> VocabParallelEmbedding | None:
+        """The vocab-parallel output head (the fused loss reads its weight); None for a head of
+        the user's own (``to_logits=``, or tied to a plain ``token_emb``) or no head at all."""
         if self.return_only_embed:
             return None
-        return self.token_emb if self.tie_embedding else self.to_logits
+        head = self.token_emb if self.tie_embedding else self.to_logits
+        return head if isinstance(head, VocabParallelEmbedding) else None
+
+    def logits(self, h: torch.Tensor, *, gather: bool = False, **to_logits_kwargs) -> torch.Tensor:
+        """This rank's logits shard of ``h`` (all of them with ``gather=True``, cut to num_tokens)."""
+        if self.return_only_embed:
+            raise ValueError("this TransformerWrapper was built with return_only_embed=True: it has no output head")
+        if self.head is not None:
+            logits = self.head.logits(h, gather=gather, **to_logits_kwargs)
+            return logits[..., : self.num_tokens] if gather else logits
+        if self.tie_embedding:  # a plain embedding module of the user's, TP=1
+            return F.linear(h, self.token_emb.weight, **to_logits_kwargs)
+        return self.to_logits(h, **to_logits_kwargs)
 
     def forward(
         self,
@@ -112,29 +147,51 @@ class TransformerWrapper(nn.Module):
         context_mask: torch.Tensor | None = None,
         return_embeddings: bool = False,
         gather_logits: bool = False,
-    ) -> torch.Tensor:
+        pos: torch.Tensor | None = None,
+        context_pos: torch.Tensor | None = None,
+        cache: LayerIntermediates | None = None,
+        return_intermediates: bool = False,
+        token_emb_kwargs: dict | None = None,
+        to_logits_kwargs: dict | None = None,
+        **unsupported,
+    ):
         """``x``: token ids ``[b, n]`` or precomputed input embeddings ``[b, n, emb_dim]``.
 
         Returns this rank's logits shard ``[b, n, padded_vocab / tp]`` (padded columns included;
         pass ``vocab_size=num_tokens`` to the loss), the full ``[b, n, num_tokens]`` with
         ``gather_logits=True``, or the final embeddings ``[b, n, dim]``.
+
+        ``return_intermediates=True``: ``(out, LayerIntermediates)``, whose key/value caches a later
+        call continues from with ``cache=``: ``x`` (and ``mask``, ``positions``) are then the whole
+        sequence so far, and ``out`` covers the positions after ``cache.cache_length`` only.
+        ``pos`` is x-transformers' name for ``positions``; ``token_emb_kwargs`` / ``to_logits_kwargs``
+        go to the embedding and head modules.
         """
-        h = x if x.is_floating_point() else self.token_emb(x)
+        reject_unsupported("TransformerWrapper.forward", unsupported)
+        if pos is not None:
+            if positions is not None:
+                raise ValueError("pass positions= or pos=, not both")
+            positions = pos
+        h = x if x.is_floating_point() else self.token_emb(x, **(token_emb_kwargs or {}))
         if positions is None and doc_ids is not None:
             positions = document_positions(doc_ids)
         if self.pos_emb is not None:
-            pos = positions if positions is not None else torch.arange(h.shape[1], device=h.device)[None]
-            h = h + self.pos_emb(pos)
+            p = positions if positions is not None else torch.arange(h.shape[1], device=h.device)[None]
+            h = h + self.pos_emb(p)
         if self.emb_dropout > 0:
             h = F.dropout(h, self.emb_dropout, training=self.training)  # replicated: default stream
         if self.project_emb is not None:
             h = self.project_emb(h)
+        caching = cache is not None or return_intermediates
         h = self.attn_layers(h, mask, context=context, context_mask=context_mask, doc_ids=doc_ids,
-                             positions=positions, doc_layout=doc_layout)
-        if return_embeddings or self.head is None:
-            return h
-        logits = self.head.logits(h, gather=gather_logits)
-        return logits[..., : self.num_tokens] if gather_logits else logits
+                             positions=positions, doc_layout=doc_layout, context_pos=context_pos, cache=cache,
+                             return_hiddens=caching)
+        inter = None
+        if caching:
+            h, inter = h
+        out = h if return_embeddings or self.return_only_embed else self.logits(h, gather=gather_logits,
+                                                                                  **(to_logits_kwargs or {}))
+        return (out, inter) if return_intermediates else out
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -161,12 +218,12 @@ class AutoregressiveWrapper(nn.Module):
                  mask_pad: bool = True, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  fused_loss: bool = False, loss_chunk_tokens: int | None = None, check_ids: bool = True):
         super().__init__()
-        if net.head is None:
+        if net.return_only_embed:
             raise ValueError("AutoregressiveWrapper needs a net with an output head (not return_only_embed)")
         self.net, self.pad_value, self.ignore_index, self.mask_pad = net, pad_value, ignore_index, mask_pad
         self.label_smoothing, self.z_loss = label_smoothing, z_loss
         self.fused_loss, self.loss_chunk_tokens, self.check_ids = fused_loss, loss_chunk_tokens, check_ids
-        for emb in {id(m): m for m in (net.token_emb, net.head)}.values():
+        for emb in {id(m): m for m in (net.token_emb, net.head) if isinstance(m, VocabParallelEmbedding)}.values():
             emb.check_ids = emb.check_ids and check_ids
         self._warned = False
 
@@ -193,7 +250,7 @@ class AutoregressiveWrapper(nn.Module):
             target = target.masked_fill(loss_mask == 0, IGNORE)  # dropped targets are ignored outright
         kw = dict(group=self.net.groups.tp_group, vocab_size=self.net.num_tokens, ignore_index=IGNORE,
                   label_smoothing=self.label_smoothing, z_loss=self.z_loss, check_ids=self.check_ids)
-        if self.fused_loss:
+        if self.fused_loss and self.net.head is not None:  # a head of the user's own: unfused
             # Without weights, every counted token's loss has the same upstream gradient: the fused
             # backward then only scales what its forward computed (no check, no recompute).
             h = self.net(inp, return_embeddings=True, **net_kwargs)
@@ -256,3 +313,26 @@ class AutoregressiveWrapper(nn.Module):
         if return_sums:
             return loss_sum, num_tokens
         return loss_sum / num_tokens.clamp(min=1.0)
+
+    def generate(self, prompts, seq_len: int, eos_token: int | None = None, temperature: float = 1.0, *,
+                 filter_logits_fn=None, filter_kwargs: dict | None = None, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None, cache_kv: bool = True,
+                 seed: int | None = None, **net_kwargs) -> torch.Tensor:
+        """``seq_len`` new tokens ``[b, seq_len]`` after ``prompts`` (a ``[b, n]`` tensor, or a
+        list of 1-D tensors of different lengths, left-padded and masked internally).
+
+        ``temperature=0`` is greedy. Filters: ``top_k=`` / ``top_p=`` / ``min_p=``, or
+        ``filter_logits_fn`` (``"top_k"``, ``"top_p"``, ``"min_p"`` or a function) with
+        ``filter_kwargs``; by default x-transformers' top_k over 10 % of the vocabulary. A row stops
+        at ``eos_token``: what follows it is ``pad_value``. ``cache_kv``: keys and values are cached
+        through the layers (the same tokens as without). ``seed``: the sampling generator's (the
+        same on every TP rank; none: drawn from torch's default generator). ``net_kwargs`` go to the
+        net each step (``context=``, ``context_mask=`` for cross-attention)."""
+        from .generate import sample_tokens
+
+        pad = self.pad_value if self.pad_value is not None else 0
+        return sample_tokens(self.net, prompts, seq_len, pad_value=pad, temperature=temperature,
+                             filter_logits_fn=filter_logits_fn, filter_kwargs=filter_kwargs, top_k=top_k,
+                             top_p=top_p, min_p=min_p, eos_token=eos_token, cache_kv=cache_kv, seed=seed,
+                             **net_kwargs)
+

@@ -139,6 +139,19 @@ class DocLayout:
         return self.bounds if self.bounds is not None else tuple(self.cu_seqlens.tolist())
 
 
+@dataclass
+class KVCache:
+    """One attention's keys and values ``[b, kv_heads / tp, m, dim_head]`` (this rank's heads) for
+    cached decoding: self-attention appends each call's keys; cross-attention fills it once."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -169,6 +182,7 @@ class Attention(nn.Module):
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         self.heads, self.kv_heads, self.dim_head = heads // tp, kv_heads // tp, dim_head
         self.causal, self.dropout, self.backend = causal, dropout, backend
+        self.is_cross = dim_context is not None  # built for cross-attention (given a context width)
         dim_kv = dim_context or dim
         init = InitScheme.of(init)
         inner = heads * dim_head
@@ -195,11 +209,21 @@ class Attention(nn.Module):
         doc_ids: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         doc_layout: DocLayout | None = None,
+        context_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``x [b, n, dim]`` -> ``[b, n, dim]``. Self-attention masks keys with ``mask [b, n]``
         and documents with ``doc_ids``; cross-attention reads ``context [b, m, dim_context]`` with
-        ``context_mask [b, m]``. ``rotary`` (cos, sin) applies to self-attention queries and keys.
-        ``doc_layout`` (self-attention, no ``mask``): packed documents on the varlen path."""
+        ``context_mask [b, m]``. ``rotary`` (cos, sin) applies to self-attention queries and keys;
+        in cross-attention, given with ``context_rotary``, to the queries and the context's keys.
+        ``doc_layout`` (self-attention, no ``mask``): packed documents on the varlen path.
+
+        ``cache``: cached decoding. Self-attention appends this call's keys and values to it and
+        attends over all of them (``mask [b, cached + n]`` then covers every key; the ``n`` queries
+        are the last positions); cross-attention fills it from ``context`` once and reuses it."""
+        if cache is not None:
+            return self._cached(x, cache, context=context, mask=mask, context_mask=context_mask,
+                                rotary=rotary, context_rotary=context_rotary, doc_ids=doc_ids)
         cross = context is not None
         kv_in = context if cross else x
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
@@ -207,6 +231,8 @@ class Attention(nn.Module):
         v = rearrange(self.to_v(kv_in), "b m (g d) -> b g m d", g=self.kv_heads)
         if rotary is not None and not cross:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        elif cross and rotary is not None and context_rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, context_rotary)
         causal = self.causal and not cross
         key_mask = context_mask if cross else mask
         dropout_p = self.dropout if self.training else 0.0
@@ -218,6 +244,41 @@ class Attention(nn.Module):
             return self.to_out(rearrange(out, "(b n) h d -> b n (h d)", b=q.shape[0]))
         with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
             out = self._sdpa(q, k, v, causal, key_mask, None if cross else doc_ids, dropout_p)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def _cached(self, x, cache: KVCache, *, context, mask, context_mask, rotary, context_rotary, doc_ids):
+        if doc_ids is not None:
+            raise ValueError("cached decoding does not take doc_ids (one sequence per row)")
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        if self.is_cross:  # cross-attention: keys and values of the context, made once
+            if cache.k is None:
+                if context is None:
+                    raise ValueError("cross-attention cache is empty: the first cached call needs context=")
+                k = rearrange(self.to_k(context), "b m (g d) -> b g m d", g=self.kv_heads)
+                v = rearrange(self.to_v(context), "b m (g d) -> b g m d", g=self.kv_heads)
+                if rotary is not None and context_rotary is not None:
+                    k = apply_rotary(k, context_rotary)
+                cache.k, cache.v = k, v
+            if rotary is not None and context_rotary is not None:
+                q = apply_rotary(q, rotary)
+            causal, key_mask = False, context_mask
+        else:
+            k = rearrange(self.to_k(x), "b n (g d) -> b g n d", g=self.kv_heads)
+            v = rearrange(self.to_v(x), "b n (g d) -> b g n d", g=self.kv_heads)
+            if rotary is not None:
+                q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+            if cache.k is not None:
+                k, v = torch.cat([cache.k, k], dim=-2), torch.cat([cache.v, v], dim=-2)
+            cache.k, cache.v = k, v
+            causal, key_mask = self.causal, mask
+        b, m = x.shape[0], cache.k.shape[-2]
+        if key_mask is None:  # an explicit mask: SDPA's is_causal aligns top-left when n != m
+            key_mask = torch.ones(b, m, dtype=torch.bool, device=x.device)
+        elif key_mask.shape != (b, m):
+            raise ValueError(f"cached attention over {m} keys: mask must be [{b}, {m}], got {tuple(key_mask.shape)}")
+        dropout_p = self.dropout if self.training else 0.0
+        with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
+            out = self._sdpa(q, cache.k, cache.v, causal, key_mask, None, dropout_p)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     def _varlen(self, q, k, v, layout: DocLayout, causal: bool, dropout_p: float) -> torch.Tensor:
