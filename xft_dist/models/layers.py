@@ -82,10 +82,14 @@ class AttentionLayers(nn.Module):
         init: str | InitScheme | None = None,
         groups: ParallelGroups | None = None,
         rng: RNGStreams | None = None,
+        attn_flash: bool = True,
         **unsupported,
     ):
         super().__init__()
         reject_unsupported(type(self).__name__, unsupported)
+        # attn_flash (x-transformers): fused kernels are always on here (SDPA / varlen / flash-attn);
+        # False keeps them too (the results are the same up to rounding).
+        del attn_flash
         if depth < 1:
             raise ValueError(f"depth={depth}: expected at least one layer")
         if activation_checkpointing < 0:
