@@ -31,10 +31,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-data/stdlib/manifest.json: | $(STAMP)
-	$(PY) tools/make_shards.py $(STDLIB)/*.py --out data/stdlib --shard-tokens 250000 --overwrite --quiet
+data/stdlib/valid/manifest.json: | $(STAMP)
+	$(PY) tools/make_shards.py $(STDLIB)/*.py --out data/stdlib --shard-tokens 250000 --valid-fraction 0.05 \
+		--overwrite --quiet
 
-pretrain: $(STAMP) data/stdlib/manifest.json
+pretrain: $(STAMP) data/stdlib/valid/manifest.json
 	WANDB_MODE=offline OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu \
 		$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml $(ARGS)
 

@@ -11,12 +11,17 @@ Tokenizes on every core (``--workers``), shows progress, writes ``shard-NNNNNN.t
 ``--shard-tokens`` tokens and ``manifest.json`` last. Undecodable text or bad JSON stops with the
 file and position, unless ``--skip-bad`` (then skipped, counted and reported). Empty documents are
 skipped and counted. An output directory made with another tokenizer is refused; ``--append`` adds
-to one made with the same tokenizer, ``--overwrite`` replaces it.
+to one made with the same tokenizer, ``--overwrite`` replaces it. ``--valid-fraction F`` holds about a
+fraction F of the documents out into ``OUT/valid`` (its own manifest; ``data.valid.shards``), each
+document chosen by a hash of its tokens: the same split on every run, whatever the order or workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
+import contextlib
+import hashlib
 import fnmatch
 import json
 import multiprocessing as mp
@@ -42,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-tokens", type=int, default=1 << 20)
     p.add_argument("--workers", type=int, default=mp.cpu_count())
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable files / bad JSON lines (counted)")
+    p.add_argument("--valid-fraction", type=float, default=0.0,
+                   help="hold this fraction of the documents out into OUT/valid (chosen by a hash of their tokens)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--append", action="store_true")
     group.add_argument("--overwrite", action="store_true")
@@ -100,6 +107,25 @@ def documents(files: list[Path], jsonl_key: str, skip_bad: bool, counts: dict):
             yield str(f), text
 
 
+def prepare_output(out: Path, identity: dict, a) -> tuple[list, int]:
+    """(shards kept, next shard index) of an output directory, after the tokenizer check and
+    ``--overwrite`` / ``--append``."""
+    if not (out / MANIFEST).exists():
+        return [], 0
+    old = Manifest.load(out)
+    if not same_tokenizer(old.tokenizer, identity):
+        raise DataError(f"{out} holds shards made with tokenizer {old.tokenizer.get('kind')}:"
+                        f"{old.tokenizer.get('name')} (vocab {old.tokenizer.get('vocab_size')}); refusing "
+                        f"to mix with {identity['kind']}:{identity['name']} (vocab {identity['vocab_size']})")
+    if a.overwrite:
+        for f in out.glob("shard-*.tar"):
+            f.unlink()
+        return [], 0
+    if a.append:
+        return old.shards, len(old.shards)
+    raise DataError(f"{out} already holds shards; pass --append or --overwrite")
+
+
 _TOKENIZER = None
 
 
@@ -112,32 +138,35 @@ def _encode(item):
     return _TOKENIZER.encode(item[1])
 
 
+def held_out(ids: list[int], fraction: float) -> bool:
+    """Whether a document goes to the validation set: a hash of its tokens, so the split does not
+    depend on file order, worker count or the other documents."""
+    digest = hashlib.blake2b(array.array("q", ids).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if not 0.0 <= a.valid_fraction < 1.0:
+        print(f"make_shards: error: --valid-fraction {a.valid_fraction}: expected a fraction in [0, 1)", file=sys.stderr)
+        return 2
     hf_kwargs = {k: v for k, v in (("eos_token", a.eos_token), ("pad_token", a.pad_token)) if v}
     try:
         tokenizer = load_tokenizer(a.tokenizer, **(hf_kwargs if a.tokenizer.endswith(".json") else {}))
         identity = tokenizer.identity()
         out = Path(a.out)
-        existing, start = [], 0
-        if (out / MANIFEST).exists():
-            old = Manifest.load(out)
-            if not same_tokenizer(old.tokenizer, identity):
-                raise DataError(f"{out} holds shards made with tokenizer {old.tokenizer.get('kind')}:"
-                                f"{old.tokenizer.get('name')} (vocab {old.tokenizer.get('vocab_size')}); refusing "
-                                f"to mix with {identity['kind']}:{identity['name']} (vocab {identity['vocab_size']})")
-            if a.overwrite:
-                for f in out.glob("shard-*.tar"):
-                    f.unlink()
-            elif a.append:
-                existing, start = old.shards, len(old.shards)
-            else:
-                raise DataError(f"{out} already holds shards; pass --append or --overwrite")
+        existing, start = prepare_output(out, identity, a)
+        valid_dir = out / "valid"
+        valid_existing, valid_start = prepare_output(valid_dir, identity, a) if a.valid_fraction else ([], 0)
         files = discover(a.inputs, a.include)
         counts = {"bad": 0, "bad_examples": [], "empty": 0}
         docs = documents(files, a.jsonl_key, a.skip_bad, counts)
         kwargs = hf_kwargs if a.tokenizer.endswith(".json") else {}
-        with ShardWriter(out, identity, shard_tokens=a.shard_tokens, start_index=start, existing=existing) as writer:
+        valid_writer = (ShardWriter(valid_dir, identity, shard_tokens=a.shard_tokens, start_index=valid_start,
+                                    existing=valid_existing) if a.valid_fraction else contextlib.nullcontext())
+        counts["valid"] = 0
+        with ShardWriter(out, identity, shard_tokens=a.shard_tokens, start_index=start, existing=existing) as writer, \
+                valid_writer as vwriter:
             progress = tqdm(desc="documents", unit=" docs", disable=a.quiet, file=sys.stderr)
             if a.workers > 1:
                 pool = mp.get_context("spawn").Pool(a.workers, _init_worker, (a.tokenizer, kwargs))
@@ -151,7 +180,11 @@ def main(argv=None) -> int:
                     if not ids:
                         counts["empty"] += 1
                         continue
-                    writer.write(ids)
+                    if vwriter is not None and held_out(ids, a.valid_fraction):
+                        vwriter.write(ids)
+                        counts["valid"] += 1
+                    else:
+                        writer.write(ids)
             finally:
                 if pool is not None:
                     pool.terminate()
@@ -162,6 +195,13 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {len(m.shards)} shards, {m.documents} documents, {m.tokens} tokens "
           f"({identity['kind']} tokenizer, vocab {identity['vocab_size']}) to {out}")
+    if a.valid_fraction:
+        if counts["valid"] == 0:
+            print(f"make_shards: error: --valid-fraction {a.valid_fraction} held out no document of "
+                  f"{m.documents}: use a larger fraction", file=sys.stderr)
+            return 2
+        v = Manifest.load(out / "valid")
+        print(f"held out {v.documents} documents, {v.tokens} tokens ({len(v.shards)} shards) to {out / 'valid'}")
     if counts["empty"]:
         print(f"skipped {counts['empty']} empty documents")
     if counts["bad"]:

@@ -63,8 +63,16 @@ class ParallelSection(Section):
     timeout_s: float = Field(600, gt=0, description="collective timeout")
 
 
+class ValidSection(Section):
+    shards: str | None = Field(None, description="held-out shards (make_shards --valid-fraction writes OUT/valid)")
+    every: int = Field(0, ge=0, description="evaluate every N steps; 0: only at the end of the run")
+    batches: int = Field(4, ge=1, description="validation batches per evaluation (the same ones every time)")
+    batch_rows: int | None = Field(None, ge=1, description="rows per validation batch (default train.global_batch)")
+
+
 class DataSection(Section):
     shards: str = Field(..., description="directory holding manifest.json")
+    valid: ValidSection = Field(ValidSection(), description="held-out evaluation")
     mode: Literal["packed", "padded", "span"] = Field(
         "packed", description="packed causal LM rows, one padded document per row, or T5 span corruption")
     seq_len: int = Field(256, ge=2, description="tokens per row (decoder length in span mode)")
@@ -126,6 +134,11 @@ class LoggingSection(Section):
     project: str = Field("xft_dist", description="W&B project")
     progress_bar: bool = Field(True, description="tqdm bar on rank 0")
     peak_tflops: float | None = Field(None, gt=0, description="per device, for MFU (default: known GPUs)")
+    sample_every: int = Field(0, ge=0, description="print and log sample continuations every N steps; 0: at the end "
+                                                   "only, when sample_prompts are given")
+    sample_prompts: list[str] = Field(default_factory=list, description="prompts for the samples (decoder LM)")
+    sample_tokens: int = Field(64, ge=1, description="new tokens per sample")
+    sample_tokenizer: str | None = Field(None, description="tokenizer file for samples (the byte tokenizer needs none)")
 
 
 class Config(Section):

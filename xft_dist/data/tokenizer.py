@@ -121,3 +121,18 @@ def load_tokenizer(spec: str = "byte", **kwargs):
 def same_tokenizer(a: dict, b: dict) -> bool:
     keys = ("kind", "name", "sha256", "vocab_size", "eos_id", "pad_id")
     return all(a.get(k) == b.get(k) for k in keys)
+
+
+def tokenizer_from_identity(identity: dict, path: str | Path | None = None, *, what: str = "--tokenizer"):
+    """The tokenizer a manifest names: the byte tokenizer by itself, any other from ``path``
+    (checked to be the same one)."""
+    if identity.get("kind") == "byte":
+        return ByteTokenizer()
+    if path is None:
+        raise DataError(f"the shards were made with tokenizer {identity.get('kind')}:{identity.get('name')}; "
+                        f"pass its file with {what}")
+    tok = load_tokenizer(str(path))
+    if not same_tokenizer(tok.identity(), identity):
+        raise DataError(f"tokenizer {path} is not the one the shards were made with "
+                        f"({identity.get('kind')}:{identity.get('name')}, vocab {identity.get('vocab_size')})")
+    return tok

@@ -47,6 +47,18 @@ class MetricSinks:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def log_table(self, step: int, key: str, columns: list[str], rows: list[list]) -> None:
+        """A table: one JSON line per row in metrics.jsonl (under ``key``), a ``wandb.Table`` in W&B."""
+        if not self.enabled:
+            return
+        for row in rows:
+            self._jsonl.write(json.dumps({"step": step, key: dict(zip(columns, row))}) + "\n")
+        self._jsonl.flush()
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def finish(self) -> None:
         if not self.enabled:
             return

@@ -81,7 +81,7 @@ def train(r: Run, *, stop=None) -> dict:
     """Steps from ``r.step`` to ``train.steps`` (or a stop); returns the run's summary."""
     cfg, step = r.cfg, r.step
     meter, bar, batches = _meter(r), _progress(r), iter(r.loader)
-    last_saved, stop_reason, history = None, None, []
+    last_saved, stop_reason, history, valid, samples = None, None, [], None, None
     while step < cfg.train.steps:
         meter.start()
         requested = getattr(stop, "requested", None)
@@ -103,6 +103,12 @@ def train(r: Run, *, stop=None) -> dict:
             stop_reason = f"signal {requested or 'on another rank'}"
         elif cfg.train.stop_after is not None and step >= cfg.train.stop_after:
             stop_reason = f"train.stop_after={cfg.train.stop_after}"
+        valid_every = cfg.data.valid.every
+        if r.valid_batches is not None and (step == cfg.train.steps or (valid_every and step % valid_every == 0)):
+            valid = run_validation(r, step)
+        if cfg.logging.sample_prompts and (step == cfg.train.steps or (
+                cfg.logging.sample_every and step % cfg.logging.sample_every == 0)):
+            samples = log_samples(r, step)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_reason:
             last_saved = save(r, step)
         if stop_reason:
@@ -112,7 +118,36 @@ def train(r: Run, *, stop=None) -> dict:
     if bar is not None:
         bar.close()
     return {"step": step, "checkpoint": str(last_saved or r.ckpt.latest()), "metrics": str(r.sinks.jsonl_path),
-            "wandb": r.sinks.wandb_dir, "wandb_mode": r.sinks.mode, "losses": history, "stopped": stop_reason}
+            "wandb": r.sinks.wandb_dir, "wandb_mode": r.sinks.mode, "losses": history, "stopped": stop_reason,
+            "valid": valid, "samples": samples}
+
+
+def run_validation(r: Run, step: int) -> dict:
+    """Evaluate on the fixed validation batches; log ``valid/*`` (collective over the world)."""
+    from .evaluate import evaluate
+
+    metrics = evaluate(r.engine, r.model, r.valid_batches, groups=r.groups, micro_batch=r.cfg.train.micro_batch,
+                       device=r.device, byte_tokenizer=r.byte_tokenizer)
+    r.sinks.log(step, metrics)
+    if r.rank0:
+        bpb = f" bpb {metrics['valid/bpb']:.4f}" if "valid/bpb" in metrics else ""
+        log.info("step %d valid loss %.4f ppl %.2f%s (%d tokens)", step, metrics["valid/loss"], metrics["valid/ppl"],
+                 bpb, metrics["valid/tokens"])
+    return metrics
+
+
+def log_samples(r: Run, step: int) -> list[dict] | None:
+    """Continuations of ``logging.sample_prompts`` (every rank samples; rank 0 prints and logs)."""
+    from .samples import sample_continuations
+
+    rows = sample_continuations(r, step)
+    if rows is not None:
+        r.sinks.log_table(step, "samples", ["step", "prompt", "continuation"],
+                          [[step, x["prompt"], x["continuation"]] for x in rows])
+        if r.rank0:
+            for x in rows:
+                log.info("step %d sample: %r -> %r", step, x["prompt"], x["continuation"])
+    return rows
 
 
 def _log_step(cfg: Config, step: int, result, metrics: dict) -> None:
@@ -131,6 +166,12 @@ def finish(r: Run, summary: dict) -> None:
                      step=step, steps=cfg.train.steps, checkpoint=summary["checkpoint"])
         sync = (f"\n  sync with: wandb sync {summary['wandb']}"
                 if summary["wandb_mode"] == "offline" and summary["wandb"] else "")
+        valid = summary.get("valid")
+        if valid:
+            bpb = f", {valid['valid/bpb']:.3f} bits/byte" if "valid/bpb" in valid else ""
+            print(f"\nvalidation loss {valid['valid/loss']:.4f} (perplexity {valid['valid/ppl']:.2f}{bpb})", flush=True)
+        for x in summary.get("samples") or []:
+            print(f"\nsample: {x['prompt']!r} -> {x['continuation']!r}", flush=True)
         print(f"\nrun {cfg.run.name}: {step} steps{f' (stopped: {reason})' if reason else ''}\n"
               f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
               f"  W&B ({r.sinks.mode}): {summary['wandb'] or 'disabled'}{sync}", flush=True)

@@ -72,6 +72,9 @@ def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Manifest
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from None
     if cfg.model.num_tokens is not None:
         manifest.check_vocab(cfg.model.num_tokens)
+    from .evaluate import valid_manifest
+
+    valid_manifest(cfg, manifest)  # present, and made with the training shards' tokenizer
     return dp, manifest
 
 
@@ -93,6 +96,8 @@ class Run:
     config_text: str = ""
     step: int = 0                                   # the step resumed from (0 for a fresh run)
     resumed_from: Path | None = None
+    valid_batches: list | None = None               # data.valid: the fixed validation batches (host)
+    byte_tokenizer: bool = False
 
     @property
     def rank0(self) -> bool:
@@ -147,6 +152,12 @@ def _attach_training(run: Run, manifest: Manifest) -> None:
     cfg, groups = run.cfg, run.groups
     run.loader = StreamingLoader(manifest, LoaderConfig.from_config(cfg.data, cfg.train), dp_rank=groups.dp_rank,
                                  dp_size=groups.dp_size, vocab_size=run.vocab.num_tokens)
+    from .evaluate import valid_manifest, validation_batches
+
+    run.byte_tokenizer = manifest.tokenizer.get("kind") == "byte"
+    valid = valid_manifest(cfg, manifest)
+    if valid is not None:
+        run.valid_batches = validation_batches(cfg, valid, run.vocab.num_tokens)
     run.run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run.config_text = dump_config(cfg)
     if run.rank0:
