@@ -84,3 +84,34 @@ def load_consolidated(path: str | Path):
     model = build_model(cfg, ParallelGroups.single(), None, num_tokens=data["num_tokens"], pad_id=data["pad_id"])
     model.load_state_dict(data["model"])
     return model
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one under a run directory or its
+    ``checkpoints/`` directory."""
+    from .manager import CheckpointManager
+
+    path = Path(path)
+    if (path / "COMPLETE").exists():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise ValueError(f"{path}: no such run or checkpoint directory")
+    latest = CheckpointManager(root).latest()
+    if latest is None:
+        raise ValueError(f"no complete checkpoint under {path}")
+    return latest
+
+
+def load_checkpoint_model(path: str | Path, *, device: str | torch.device = "cpu"):
+    """``(model, cfg, shared, checkpoint dir)``: the newest complete checkpoint of a run (any TP size,
+    ZeRO 0-2) consolidated into a single-process (TP=1) model in eval mode. ``cfg`` is the run's
+    config at TP=1; ``shared`` the checkpoint's shared state (step, vocabulary, tokenizer)."""
+    ckpt = resolve_checkpoint(path)
+    data = consolidate(ckpt)
+    cfg, shared = _read(ckpt)
+    cfg = at_tp1(cfg)
+    model = build_model(cfg, ParallelGroups.single(), None, num_tokens=shared["num_tokens"], pad_id=shared["pad_id"])
+    model.load_state_dict(data["model"])
+    return model.to(device).eval(), cfg, shared, ckpt
+

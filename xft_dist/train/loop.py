@@ -54,7 +54,7 @@ def save(r: Run, step: int):
     """Collective: the merged loader state, every rank's RNG, the engine, committed atomically."""
     states = all_gather_object(r.loader.state_dict(), r.groups.dp_group)
     shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": r.sinks.run_id,
-              "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id}
+              "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer}
     return r.ckpt.save(r.engine, step, rank_state={"rng": capture_rng_state(r.streams)}, shared=shared,
                        config_text=r.config_text)
 
