@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import hashlib
 import fnmatch
+import hashlib
 import json
 import multiprocessing as mp
 import sys
@@ -148,7 +148,8 @@ def held_out(ids: list[int], fraction: float) -> bool:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if not 0.0 <= a.valid_fraction < 1.0:
-        print(f"make_shards: error: --valid-fraction {a.valid_fraction}: expected a fraction in [0, 1)", file=sys.stderr)
+        print(f"make_shards: error: --valid-fraction {a.valid_fraction}: expected a fraction in [0, 1)",
+              file=sys.stderr)
         return 2
     hf_kwargs = {k: v for k, v in (("eos_token", a.eos_token), ("pad_token", a.pad_token)) if v}
     try:

@@ -247,8 +247,8 @@ def a_plain_token_embedding_is_refused_at_tp2():
     g = ParallelGroups.build(tp_size=2)
     for kw in ({"token_emb": torch.nn.Embedding(VOCAB, 32)}, {"to_logits": torch.nn.Linear(32, VOCAB)}):
         try:
-            TransformerWrapper(num_tokens=VOCAB, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4, groups=g),
-                               **kw)
+            layers = Decoder(dim=32, depth=1, heads=4, groups=g)
+            TransformerWrapper(num_tokens=VOCAB, max_seq_len=16, attn_layers=layers, **kw)
         except ValueError as e:
             assert "tensor-parallel size 1 only" in str(e) and "TP=2" in str(e), e
         else:

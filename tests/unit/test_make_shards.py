@@ -116,3 +116,41 @@ def test_undecodable_text_and_bad_json_are_named_or_skipped(inputs, tmp_path):
     res = run(d / "a.txt", "--out", tmp_path / "o5")
     assert res.returncode == 2 and "--append or --overwrite" in res.stderr
     assert np.all(np.diff([int(s.url.split("-")[-1][:6]) for s in Manifest.load(tmp_path / "o5").shards]) == 1)
+
+
+def test_valid_fraction_holds_documents_out_deterministically(tmp_path):
+    jl = tmp_path / "docs.jsonl"
+    texts = [f"document number {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(200)]
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    outs = []
+    for name, workers in (("a", 1), ("b", 2)):
+        res = run(jl, "--out", tmp_path / name, "--valid-fraction", 0.2, "--shard-tokens", 2000, "--workers", workers)
+        assert res.returncode == 0, res.stderr
+        train, train_docs = _all_docs(tmp_path / name)
+        valid, valid_docs = _all_docs(tmp_path / name / "valid")
+        assert valid.tokenizer == train.tokenizer
+        outs.append(({tuple(d) for d in train_docs}, {tuple(d) for d in valid_docs}))
+    (train, valid), (train_b, valid_b) = outs
+    assert valid == valid_b and train == train_b  # the split does not depend on the workers
+    assert not train & valid and len(train) + len(valid) == 200
+    assert 20 <= len(valid) <= 60, len(valid)  # about 20 %
+    assert run(jl, "--out", tmp_path / "c", "--valid-fraction", 1.0).returncode == 2
+
+
+def test_a_validation_set_of_another_tokenizer_is_refused(tmp_path):
+    from xft_dist.config import ConfigError
+    from xft_dist.config.load import validate
+    from xft_dist.data.shards import ShardWriter
+    from xft_dist.train.evaluate import valid_manifest
+
+    with ShardWriter(tmp_path / "train", ByteTokenizer().identity(), shard_tokens=100) as w:
+        w.write([5, 6, 7])
+    other = {**ByteTokenizer().identity(), "kind": "hf", "name": "other.json", "vocab_size": 1000}
+    with ShardWriter(tmp_path / "valid", other, shard_tokens=100) as w:
+        w.write([5, 6, 7])
+    cfg = validate({"data": {"shards": str(tmp_path / "train"), "valid": {"shards": str(tmp_path / "valid")}}})
+    with pytest.raises(ConfigError, match=r"data.valid.shards=.*hf:other.json.*byte:byte-v1.*must match"):
+        valid_manifest(cfg, Manifest.load(tmp_path / "train"))
+    cfg = validate({"data": {"shards": str(tmp_path / "train"), "valid": {"shards": str(tmp_path / "none")}}})
+    with pytest.raises(ConfigError, match="data.valid.shards="):
+        valid_manifest(cfg, Manifest.load(tmp_path / "train"))

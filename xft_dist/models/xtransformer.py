@@ -51,8 +51,8 @@ class XTransformer(nn.Module):
         self.decoder = AutoregressiveWrapper(decoder, ignore_index=ignore_index, pad_value=pad_value)
 
     @torch.no_grad()
-    def generate(self, seq_in: torch.Tensor, seq_out_start: torch.Tensor, seq_len: int, mask: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
+    def generate(self, seq_in: torch.Tensor, seq_out_start: torch.Tensor, seq_len: int,
+                 mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """``seq_len`` decoder tokens after ``seq_out_start`` given the source ``seq_in`` (``mask``:
         True for its real tokens). ``kwargs``: those of ``AutoregressiveWrapper.generate``."""
         was_training = self.training
