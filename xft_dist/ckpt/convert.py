@@ -19,11 +19,17 @@ import yaml
 from ..config.load import validate
 from ..models.factory import build_model
 from ..parallel import ParallelGroups
+from . import integrity
 
 
 def _read(ckpt: Path):
     if not (ckpt / "COMPLETE").exists():
         raise ValueError(f"{ckpt} is not a complete checkpoint (no COMPLETE marker)")
+    expected = integrity.read_manifest(ckpt)
+    if expected is not None:  # this process checks every file (no collective: tools run alone)
+        problems = integrity.check(ckpt, expected, sorted(expected), progress="verify")
+        if problems:
+            raise ValueError(f"{ckpt} failed verification: " + "; ".join(problems))
     cfg = validate(yaml.safe_load((ckpt / "config.yaml").read_text()), str(ckpt / "config.yaml"))
     shared = json.loads((ckpt / "xft_state.json").read_text())
     if "num_tokens" not in shared:

@@ -1,16 +1,22 @@
-"""Atomic checkpoints around DeepSpeed's engine state.
+"""Atomic, verified checkpoints around DeepSpeed's engine state.
 
 Layout: ``<dir>/step-00000100/`` holds DeepSpeed's files, ``xft_rank00000.pt`` per rank (RNG of
-every stream), ``xft_state.json`` (step, merged loader state, W&B run id) and ``config.yaml``.
-The marker ``COMPLETE`` is written last, by rank 0, after every rank has finished writing (a
-barrier), by rename: a checkpoint without it does not exist for resume. ``<dir>/latest`` names the
-newest complete one (also by rename). The last ``keep`` complete checkpoints are kept; incomplete
-ones left by a crash are removed at the next commit.
+every stream), ``xft_state.json`` (step, merged loader state, W&B run id, vocabulary, tokenizer),
+``config.yaml`` and ``files.json`` (every file's size and sha256). Commit: every rank writes and
+fsyncs its files and hashes its share of them; rank 0 writes ``files.json``, fsyncs the directory,
+and renames the marker ``COMPLETE`` into place last. A checkpoint without it does not exist for
+resume. ``<dir>/latest`` names the newest complete one (also by rename).
+
+Resume takes the newest complete checkpoint whose files match ``files.json`` (checked in parallel
+over ranks and threads). One that does not is reported file by file, marked
+``FAILED_VERIFICATION`` and skipped for the previous one; it is never deleted (a later save at its
+step moves it aside to ``step-…​.failed-N``). The last ``keep`` good checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,9 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..parallel.comm import barrier
+from ..parallel.comm import all_gather_object, barrier
+from . import integrity
+from .integrity import FAILED, FILES, MARKER
 
-MARKER = "COMPLETE"
+log = logging.getLogger("xft_dist.ckpt")
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
@@ -32,6 +40,13 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    integrity.fsync_dir(path.parent)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class CheckpointManager:
@@ -45,30 +60,84 @@ class CheckpointManager:
         return f"step-{step:08d}"
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints not marked as failed, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if _TAG.match(p.name) and (p / MARKER).exists()]
+        found = [p for p in self.root.iterdir()
+                 if _TAG.match(p.name) and (p / MARKER).exists() and not (p / FAILED).exists()]
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint (unverified: see ``latest_verified``)."""
         done = self.complete()
         return done[-1] if done else None
 
+    # ------------------------------------------------------------------------------ verification
+    def verify(self, path: Path, *, progress: bool = False) -> list[str]:
+        """Problems of ``path`` against its ``files.json`` (empty: good). Collective when a process
+        group exists: each rank checks its share of the files, every rank gets the whole list."""
+        rank, world = _rank_world()
+        try:
+            expected = integrity.read_manifest(path)
+        except (ValueError, json.JSONDecodeError) as e:
+            return [f"{FILES}: {e}"]
+        if expected is None:
+            return []  # written before manifests existed: nothing to check against
+        names = sorted(expected)[rank::world]
+        mine = integrity.check(path, expected, names, progress="verify" if progress and rank == 0 else None)
+        if world == 1:
+            return mine
+        return [p for part in all_gather_object(mine) for p in part]
+
+    def latest_verified(self) -> Path | None:
+        """Collective: the newest complete checkpoint whose files match its manifest."""
+        rank, _ = _rank_world()
+        for path in reversed(self.complete()):
+            problems = self.verify(path, progress=True)
+            if not problems:
+                if rank == 0 and (path / FILES).exists():
+                    log.info("verified %s (%d files)", path, len(integrity.read_manifest(path)))
+                return path
+            if rank == 0:
+                log.error("checkpoint %s failed verification, skipping it for the previous one (nothing is "
+                          "deleted): %s", path, "; ".join(problems))
+                _write_atomic(path / FAILED, "\n".join(problems) + "\n")
+            barrier()
+        return None
+
+    # ------------------------------------------------------------------------------------- save
+    def _clear(self, path: Path) -> None:
+        """Make room for a checkpoint at ``path``: a crash leftover goes, a failed one moves aside."""
+        if not path.exists():
+            return
+        if (path / FAILED).exists():
+            n = 1
+            while path.with_name(f"{path.name}.failed-{n}").exists():
+                n += 1
+            path.rename(path.with_name(f"{path.name}.failed-{n}"))
+        else:
+            shutil.rmtree(path)  # a leftover from a crash at this very step (no COMPLETE, or superseded)
+
     def save(self, engine, step: int, *, rank_state: dict, shared: dict, config_text: str) -> Path:
         """Collective: every rank calls it."""
+        rank, world = _rank_world()
         tag = self.tag(step)
         path = self.root / tag
-        if dist.get_rank() == 0 and path.exists():
-            shutil.rmtree(path)  # a leftover from a crash at this very step
+        if rank == 0:
+            self._clear(path)
         barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
-        torch.save(rank_state, path / f"xft_rank{dist.get_rank():05d}.pt")
-        if dist.get_rank() == 0:
+        torch.save(rank_state, path / f"xft_rank{rank:05d}.pt")
+        if rank == 0:
             _write_atomic(path / "xft_state.json", json.dumps({"step": step, **shared}))
             _write_atomic(path / "config.yaml", config_text)
         barrier()  # every rank has written everything
-        if dist.get_rank() == 0:
+        names = integrity.listing(path)
+        mine = integrity.describe(path, names[rank::world])  # fsynced and hashed, split over ranks
+        parts = all_gather_object(mine) if world > 1 else [mine]
+        if rank == 0:
+            files = {k: v for part in parts for k, v in part.items()}
+            _write_atomic(path / FILES, json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True))
             _write_atomic(path / MARKER, f"{step}\n")
             _write_atomic(self.root / "latest", tag + "\n")
             self._prune()
@@ -84,14 +153,16 @@ class CheckpointManager:
             if _TAG.match(p.name) and not (p / MARKER).exists() and p.name < newest:
                 shutil.rmtree(p, ignore_errors=True)
 
+    # ------------------------------------------------------------------------------------- load
     def load(self, engine, path: Path) -> tuple[dict, dict]:
         """Restore the engine from ``path``; return (this rank's state, the shared state)."""
+        rank, _ = _rank_world()
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
-        rank_file = path / f"xft_rank{dist.get_rank():05d}.pt"
+        rank_file = path / f"xft_rank{rank:05d}.pt"
         if not rank_file.exists():
-            raise RuntimeError(f"{path} has no state for rank {dist.get_rank()}: it was written by a run "
+            raise RuntimeError(f"{path} has no state for rank {rank}: it was written by a run "
                                "with fewer ranks (resuming at another world size needs the same DP x TP layout)")
-        rank_state = torch.load(rank_file, weights_only=False)
+        rank_state = torch.load(rank_file, weights_only=True)
         shared = json.loads((path / "xft_state.json").read_text())
         return rank_state, shared

@@ -19,12 +19,21 @@ from .comm import (
                    scatter_to_tp,
 )
 from .groups import DeepSpeedMPU, ParallelGroups
-from .random import TP_STREAM, RNGStreams, capture_rng_state, restore_rng_state, seed_all
+from .random import (
+    TP_STREAM,
+    RNGStreams,
+    capture_rng_state,
+    restore_rng_state,
+    rng_state_from_tensors,
+    rng_state_to_tensors,
+    seed_all,
+)
 
 __all__ = [
     "ParallelGroups", "DeepSpeedMPU",
     "copy_to_tp", "reduce_from_tp", "scatter_to_tp", "gather_from_tp", "group_size", "group_rank",
     "group_device", "all_reduce", "all_reduce_", "all_gather", "all_gather_object", "reduce_scatter", "broadcast",
     "barrier", "reduce_values", "any_rank",
-    "RNGStreams", "TP_STREAM", "seed_all", "capture_rng_state", "restore_rng_state",
+    "RNGStreams", "TP_STREAM", "seed_all", "capture_rng_state", "restore_rng_state", "rng_state_to_tensors",
+    "rng_state_from_tensors",
 ]

@@ -122,3 +122,18 @@ def restore_rng_state(state: dict[str, Any], streams: RNGStreams | None = None) 
         if streams is None:
             raise ValueError("the captured state holds named RNG streams; pass the RNGStreams to restore")
         streams.set_states(state["streams"])
+
+
+def rng_state_to_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """``capture_rng_state``'s result in types ``torch.load(weights_only=True)`` reads (NumPy's key
+    array becomes a tensor)."""
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    return {**state, "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                               int(has_gauss), float(gauss))}
+
+
+def rng_state_from_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``rng_state_to_tensors``."""
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy().astype(np.uint32) if isinstance(keys, torch.Tensor) else keys
+    return {**state, "numpy": (kind, keys, pos, has_gauss, gauss)}

@@ -20,7 +20,7 @@ from ..data import StreamingLoader
 from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
-from ..parallel import all_gather_object, barrier, capture_rng_state
+from ..parallel import all_gather_object, barrier, capture_rng_state, rng_state_to_tensors
 from ..runtime import DistEnv, write_status
 from ..runtime.faults import explain, is_comm_error
 from .setup import Run, build_run
@@ -55,7 +55,8 @@ def save(r: Run, step: int):
     states = all_gather_object(r.loader.state_dict(), r.groups.dp_group)
     shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": r.sinks.run_id,
               "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer}
-    return r.ckpt.save(r.engine, step, rank_state={"rng": capture_rng_state(r.streams)}, shared=shared,
+    return r.ckpt.save(r.engine, step, rank_state={"rng": rng_state_to_tensors(capture_rng_state(r.streams))},
+                       shared=shared,
                        config_text=r.config_text)
 
 

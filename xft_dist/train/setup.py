@@ -27,7 +27,7 @@ from ..config import Config, ConfigError, batch_split, check_precision, dump_con
 from ..data import DataError, LoaderConfig, Manifest, StreamingLoader, num_sentinels
 from ..models.factory import build_model
 from ..obs import MetricSinks
-from ..parallel import ParallelGroups, RNGStreams, restore_rng_state, seed_all
+from ..parallel import ParallelGroups, RNGStreams, restore_rng_state, rng_state_from_tensors, seed_all
 from ..runtime import DistEnv
 from ..runtime.world import World, accelerator, init_world, rank_device
 
@@ -166,12 +166,12 @@ def _attach_training(run: Run, manifest: Manifest) -> None:
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run.run_dir / "checkpoints"
     run.ckpt = CheckpointManager(ckpt_dir, keep=cfg.checkpoint.keep)
     run_id = None
-    latest = run.ckpt.latest() if cfg.checkpoint.resume else None
+    latest = run.ckpt.latest_verified() if cfg.checkpoint.resume else None
     if latest is not None:
         rank_state, shared = run.ckpt.load(run.engine, latest)
         run.step, run_id, run.resumed_from = shared["step"], shared.get("wandb_run_id"), latest
         run.loader.load_state_dict(shared["loader"])
-        restore_rng_state(rank_state["rng"], run.streams)
+        restore_rng_state(rng_state_from_tensors(rank_state["rng"]), run.streams)
         if run.rank0:
             log.info("resumed from %s at step %d", latest, run.step)
     run.sinks = MetricSinks(run.run_dir, mode=cfg.logging.wandb, project=cfg.logging.project, name=cfg.run.name,

@@ -1,0 +1,59 @@
+"""Checkpoint file manifests: written before COMPLETE, verified before a resume; a checkpoint
+with a flipped byte, a truncated or a missing file is named file by file and skipped for the
+previous one, never deleted (a later save at its step moves it aside)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xft_dist.ckpt import CheckpointManager, integrity
+
+
+def _fake(root, step, files):
+    path = root / CheckpointManager.tag(step)
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    described = integrity.describe(path, integrity.listing(path))
+    (path / integrity.FILES).write_text(json.dumps({"format": 1, "files": described}))
+    (path / integrity.MARKER).write_text(f"{step}\n")
+    return path
+
+
+FILES = {"mp_rank_00_model_states.pt": b"weights" * 100, "xft_rank00000.pt": b"rng" * 10, "sub/part.bin": b"x" * 7}
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda p: p.write_bytes(b"Xeights" + p.read_bytes()[7:]),
+     "mp_rank_00_model_states.pt: sha256 differs from the manifest"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-1]), "mp_rank_00_model_states.pt: 699 bytes, the manifest says 700"),
+    (lambda p: p.unlink(), "mp_rank_00_model_states.pt: missing"),
+])
+def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, caplog, damage, expect):
+    older = _fake(tmp_path, 4, FILES)
+    newest = _fake(tmp_path, 8, FILES)
+    mgr = CheckpointManager(tmp_path)
+    assert mgr.verify(newest) == [] and mgr.latest_verified() == newest
+    damage(newest / "mp_rank_00_model_states.pt")
+    assert mgr.verify(newest) == [expect]
+    with caplog.at_level("ERROR"):
+        assert mgr.latest_verified() == older
+    assert expect in caplog.text and str(newest) in caplog.text
+    assert newest.exists() and (newest / integrity.FAILED).read_text().strip() == expect  # reported, kept
+    assert mgr.latest() == older  # marked: no longer a candidate
+    mgr._clear(newest)  # the next save at that step moves it aside, still not deleted
+    assert not newest.exists() and (tmp_path / "step-00000008.failed-1" / "xft_rank00000.pt").exists()
+
+
+def test_files_beside_the_manifest_and_old_checkpoints(tmp_path):
+    path = _fake(tmp_path, 4, FILES)
+    assert set(json.loads((path / integrity.FILES).read_text())["files"]) == set(FILES)
+    (path / "extra.txt").write_text("not listed")  # an unlisted file is not an error
+    assert CheckpointManager(tmp_path).verify(path) == []
+    (path / integrity.FILES).unlink()  # written before manifests: accepted as it is
+    assert CheckpointManager(tmp_path).verify(path) == []
+    (path / integrity.FILES).write_text("{}")
+    assert "not a checkpoint file manifest" in CheckpointManager(tmp_path).verify(path)[0]
