@@ -4,13 +4,16 @@ Each TP rank's DeepSpeed ``mp_rank_XX_model_states.pt`` holds its shards. The TP
 from the checkpoint's own config, on the meta device so no memory is spent, gives every full
 shape. A split parameter is concatenated along the dimension where the shapes differ, with vocab
 padding stripped; a replicated one is taken from rank 0. ZeRO-0/1/2 checkpoints keep the model's
-weights in those files (in the training dtype). ZeRO-3 keeps them only in partitioned optimizer
-state and is refused.
+weights in those files (in the training dtype); the fp32 master weights of ZeRO 1-3 are read from the
+optimizer partitions with DeepSpeed's ``zero_to_fp32``, one TP rank at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,30 +50,64 @@ def read_checkpoint_config(ckpt: str | Path):
     return _read(Path(ckpt))
 
 
-def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -> dict:
-    """``{"model": full state dict, "config": resolved YAML, "num_tokens", "pad_id", "step"}``.
+def _zero_fp32_states(ckpt: Path, tp: int) -> list[dict]:
+    """Each TP rank's fp32 master weights from its ZeRO partitions (stages 1-3), by DeepSpeed's
+    ``zero_to_fp32`` run on a view of the checkpoint holding that rank's files only."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ``reference`` is the TP=1 model of the checkpoint's config (on the meta device is enough), as
-    ``build_run(cfg, upto="model", device="meta")`` makes it; by default it is built here the same way.
-    """
-    ckpt = Path(ckpt)
-    cfg, shared = _read(ckpt)
-    if cfg.parallel.zero_stage == 3:
-        raise ValueError(f"{ckpt}: a ZeRO-3 checkpoint keeps the weights in partitioned optimizer state; "
-                         "consolidating it is not supported (train with ZeRO 0-2 to export)")
-    tp = cfg.parallel.tp
+    states = []
+    for r in range(tp):
+        files = sorted(ckpt.glob(f"*mp_rank_{r:02d}_*"))
+        if not any(f.name.endswith("_optim_states.pt") for f in files):
+            raise ValueError(f"{ckpt}: no ZeRO optimizer partitions for tensor-parallel rank {r} "
+                             f"(*mp_rank_{r:02d}_optim_states.pt)")
+        with tempfile.TemporaryDirectory() as tmp:
+            view = Path(tmp) / ckpt.name
+            view.mkdir()
+            for f in files:
+                (view / f.name).symlink_to(f.resolve())
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress
+                states.append(get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.name))
+    return states
+
+
+def _module_states(ckpt: Path, tp: int) -> list[dict]:
+    """Each TP rank's weights as the module held them (ZeRO 0: no partitions; training dtype)."""
     files = [ckpt / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise ValueError(f"{ckpt}: missing {missing} for tensor-parallel size {tp}")
-    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    return [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+
+
+def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -> dict:
+    """``{"model": full state dict, "config": resolved YAML, "num_tokens", "pad_id", "step"}``.
+
+    The weights are the fp32 master weights of the ZeRO partitions (any stage 1-3; ZeRO 0: the
+    module's own, in the training dtype), every TP rank's shards joined. ``reference`` is the TP=1
+    model of the checkpoint's config (on the meta device is enough), as ``build_run(cfg,
+    upto="model", device="meta")`` makes it; by default it is built here the same way.
+    """
+    ckpt = Path(ckpt)
+    cfg, shared = _read(ckpt)
+    tp = cfg.parallel.tp
+    shards = _zero_fp32_states(ckpt, tp) if cfg.parallel.zero_stage > 0 else _module_states(ckpt, tp)
     if reference is None:
         with torch.device("meta"):
             reference = build_model(at_tp1(cfg), ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
                                     pad_id=shared["pad_id"])
+    aliases: dict[int, list[str]] = {}  # a shared parameter (one embedding, several owners) has several names
+    for name, p in reference.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    names_of = {n: names for names in aliases.values() for n in names}
     full = {}
     for key, want in reference.state_dict().items():
-        parts = [s[key] for s in shards]
+        parts = []
+        for s in shards:
+            found = next((s[n] for n in names_of.get(key, [key]) if n in s), None)
+            if found is None:
+                raise ValueError(f"{ckpt}: no weights for {key} (a checkpoint of another model?)")
+            parts.append(found)
         if all(p.shape == want.shape for p in parts):
             full[key] = parts[0].clone()
             continue

@@ -40,4 +40,21 @@ def initialize(cfg: Config, model, groups: ParallelGroups):
                                  decay_embeddings=cfg.optim.decay_embeddings)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                            config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu())
+    if cfg.parallel.zero_stage == 3:
+        register_output_heads(model)
     return engine
+
+
+def register_output_heads(model: nn.Module) -> None:
+    """ZeRO-3 gathers a parameter only inside its own module's forward. The output head's weight
+    (tied to the token embedding or not) is read by ``head.logits`` and by the fused loss, from the
+    forward of the ``TransformerWrapper`` and the ``AutoregressiveWrapper``: register it with both,
+    so that DeepSpeed gathers it there too (training, evaluation and generation alike)."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    from ..models import AutoregressiveWrapper, TransformerWrapper
+
+    for m in model.modules():
+        net = m.net if isinstance(m, AutoregressiveWrapper) else m if isinstance(m, TransformerWrapper) else None
+        if net is not None and net.head is not None:
+            register_external_parameter(m, net.head.weight)
