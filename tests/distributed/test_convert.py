@@ -108,6 +108,48 @@ def test_consolidated_tp1_model_reproduces_tp2_logits(trained, run):
     torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("run", ["decoder-zero3", "encoder_decoder-zero3", "decoder-zero1"])
+def test_export_fp32_from_any_zero_stage_reproduces_tp2_logits(trained, run, tmp_path):
+    from xft_dist.ckpt import load_exported
+
+    out = tmp_path / f"{run}.pt"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / run), "--to", "fp32",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert torch.load(out, weights_only=True)["format"] == "xft_dist-export/1"  # plain tensors and strings
+    model = load_exported(out)
+    assert next(model.parameters()).dtype == torch.float32
+    probe = torch.load(trained / run / "probe.pt", weights_only=False)
+    with torch.no_grad():
+        if run.startswith("decoder"):
+            logits = model.net(probe["tgt"])
+        else:
+            logits = model.decoder.net(probe["tgt"], context=model.encode(probe["src"]))
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+    bf16 = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / run), "--to", "fp32",
+                           "--dtype", "bf16", "--out", str(tmp_path / "bf16.pt")], capture_output=True, text=True,
+                          timeout=300)
+    assert bf16.returncode == 0 and next(load_exported(tmp_path / "bf16.pt").parameters()).dtype == torch.bfloat16
+
+
+def test_export_refuses_incomplete_and_damaged_checkpoints(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained / "decoder-zero1", run)
+    ckpt = run / "step-00000002"
+    (ckpt / "COMPLETE").rename(ckpt / "COMPLETE.off")
+    cmd = [sys.executable, str(REPO / "tools" / "export.py"), str(ckpt), "--to", "fp32",
+           "--out", str(tmp_path / "x.pt")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "no complete checkpoint" in res.stderr, res.stderr
+    (ckpt / "COMPLETE.off").rename(ckpt / "COMPLETE")
+    (ckpt / "config.yaml").unlink()  # the manifest lists it
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "config.yaml: missing" in res.stderr, res.stderr
+    assert not (tmp_path / "x.pt").exists() and (ckpt / "mp_rank_00_model_states.pt").exists()  # nothing deleted
+
+
 def test_incomplete_checkpoints_are_refused(tmp_path):
     from xft_dist.ckpt.convert import consolidate
 

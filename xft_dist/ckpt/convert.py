@@ -158,3 +158,36 @@ def load_checkpoint_model(path: str | Path, *, device: str | torch.device = "cpu
     model.load_state_dict(data["model"])
     return model.to(device).eval(), cfg, shared, ckpt
 
+
+EXPORT_FORMAT = "xft_dist-export/1"
+
+
+def export_fp32(path: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32) -> dict:
+    """One file holding the consolidated weights of a run's newest complete checkpoint (any TP
+    size, any ZeRO stage) in ``dtype``, with the model config: ``load_exported`` rebuilds the model.
+    Returns what it wrote, less the weights."""
+    ckpt = resolve_checkpoint(path)
+    data = consolidate(ckpt)
+    _, shared = _read(ckpt)
+    payload = {"format": EXPORT_FORMAT, "model": {k: v.to(dtype) if v.is_floating_point() else v
+                                                  for k, v in data["model"].items()},
+               "config": data["config"], "num_tokens": data["num_tokens"], "pad_id": data["pad_id"],
+               "step": data["step"], "tokenizer": json.dumps(shared.get("tokenizer")), "dtype": str(dtype)}
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+    return {k: v for k, v in payload.items() if k != "model"} | {"checkpoint": str(ckpt)}
+
+
+def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The single-process model (TP=1, eval mode) of an ``export_fp32`` file, in its dtype."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not an xft_dist export ({EXPORT_FORMAT}); tools/export.py writes them")
+    cfg = at_tp1(validate(yaml.safe_load(data["config"]), f"{path} (config)"))
+    model = build_model(cfg, ParallelGroups.single(), None, num_tokens=data["num_tokens"], pad_id=data["pad_id"])
+    first = next(iter(data["model"].values()))
+    model.to(first.dtype).load_state_dict(data["model"])
+    return model.to(device).eval()
+
