@@ -23,7 +23,8 @@ _CHUNK = 16 << 20
 def listing(path: Path) -> list[str]:
     """Every data file under a checkpoint directory (relative names, sorted)."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                  if p.is_file() and p.name not in _NOT_LISTED and not p.name.endswith(".tmp"))
+                  if p.is_file() and p.name not in _NOT_LISTED and not p.name.endswith(".tmp")
+                  and p.relative_to(path).parts[0] != "universal")  # a conversion made later, with its marker
 
 
 def sha256(path: Path) -> str:

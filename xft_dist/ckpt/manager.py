@@ -118,15 +118,18 @@ class CheckpointManager:
         else:
             shutil.rmtree(path)  # a leftover from a crash at this very step (no COMPLETE, or superseded)
 
-    def save(self, engine, step: int, *, rank_state: dict, shared: dict, config_text: str) -> Path:
-        """Collective: every rank calls it."""
+    def save(self, engine, step: int, *, rank_state: dict, shared: dict, config_text: str,
+             client_state: dict | None = None) -> Path:
+        """Collective: every rank calls it. ``client_state`` goes into DeepSpeed's files (e.g. the
+        universal checkpoint info)."""
         rank, world = _rank_world()
         tag = self.tag(step)
         path = self.root / tag
         if rank == 0:
             self._clear(path)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step, **(client_state or {})},
+                               save_latest=False)
         torch.save(rank_state, path / f"xft_rank{rank:05d}.pt")
         if rank == 0:
             _write_atomic(path / "xft_state.json", json.dumps({"step": step, **shared}))
@@ -154,9 +157,18 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------- load
-    def load(self, engine, path: Path) -> tuple[dict, dict]:
-        """Restore the engine from ``path``; return (this rank's state, the shared state)."""
+    def load(self, engine, path: Path, *, universal: bool = False) -> tuple[dict | None, dict]:
+        """Restore the engine from ``path``; return (this rank's state, the shared state).
+
+        ``universal``: from ``path``'s universal conversion (another layout; the engine was built
+        with ``checkpoint.load_universal``); rank states do not apply then (None)."""
         rank, _ = _rank_world()
+        if universal:
+            from .universal import UNIVERSAL_DIR
+
+            engine.load_checkpoint(str(path), tag=UNIVERSAL_DIR, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+            return None, json.loads((path / "xft_state.json").read_text())
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
         rank_file = path / f"xft_rank{rank:05d}.pt"

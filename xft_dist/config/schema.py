@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .choices import DEFAULT_INIT
 
@@ -125,6 +125,14 @@ class CheckpointSection(Section):
     every: int = Field(50, ge=1, description="save every N steps (and at the end, and on SIGTERM/SIGUSR1)")
     keep: int = Field(2, ge=2, description="complete checkpoints kept")
     resume: bool = Field(True, description="resume from the newest complete checkpoint if any")
+    reshard: Literal["auto", "off"] = Field(
+        "auto", description="auto: a checkpoint of another TP x DP layout or ZeRO stage is converted to DeepSpeed's "
+                            "universal format (once, rank 0) and loaded; off: refuse it")
+
+    @field_validator("reshard", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
 class LoggingSection(Section):

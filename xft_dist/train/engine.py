@@ -33,13 +33,16 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, *, decay_norms_an
     return [g for g in groups if g["params"]]
 
 
-def initialize(cfg: Config, model, groups: ParallelGroups):
+def initialize(cfg: Config, model, groups: ParallelGroups, *, load_universal: bool = False):
+    """The DeepSpeed engine; ``load_universal``: it will load a universal checkpoint (resharding)."""
     import deepspeed
 
     params = weight_decay_groups(model, cfg.optim.weight_decay, decay_norms_and_biases=cfg.optim.decay_norms_and_biases,
                                  decay_embeddings=cfg.optim.decay_embeddings)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                           config=deepspeed_config(cfg, groups.dp_size), mpu=groups.mpu())
+    ds = deepspeed_config(cfg, groups.dp_size)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds, mpu=groups.mpu())
     if cfg.parallel.zero_stage == 3:
         register_output_heads(model)
     return engine

@@ -15,6 +15,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from ..ckpt.universal import universal_client_state
 from ..config import Config
 from ..data import StreamingLoader
 from ..models.factory import flops_per_token
@@ -23,7 +24,7 @@ from ..obs import StepMeter
 from ..parallel import all_gather_object, barrier, capture_rng_state, rng_state_to_tensors
 from ..runtime import DistEnv, write_status
 from ..runtime.faults import explain, is_comm_error
-from .setup import Run, build_run
+from .setup import Run, build_run, layout
 from .step import train_step
 
 log = logging.getLogger("xft_dist.train")
@@ -54,10 +55,11 @@ def save(r: Run, step: int):
     """Collective: the merged loader state, every rank's RNG, the engine, committed atomically."""
     states = all_gather_object(r.loader.state_dict(), r.groups.dp_group)
     shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": r.sinks.run_id,
-              "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer}
+              "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer,
+              "layout": layout(r.cfg, r.groups)}
+    uc = universal_client_state(r.model, r.vocab.num_tokens)
     return r.ckpt.save(r.engine, step, rank_state={"rng": rng_state_to_tensors(capture_rng_state(r.streams))},
-                       shared=shared,
-                       config_text=r.config_text)
+                       shared=shared, config_text=r.config_text, client_state=uc)
 
 
 def _meter(r: Run) -> StepMeter:

@@ -16,6 +16,7 @@ waits on a collective.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..config import Config, ConfigError, batch_split, check_precision, dump_con
 from ..data import DataError, LoaderConfig, Manifest, StreamingLoader, num_sentinels
 from ..models.factory import build_model
 from ..obs import MetricSinks
-from ..parallel import ParallelGroups, RNGStreams, restore_rng_state, rng_state_from_tensors, seed_all
+from ..parallel import ParallelGroups, RNGStreams, barrier, restore_rng_state, rng_state_from_tensors, seed_all
 from ..runtime import DistEnv
 from ..runtime.world import World, accelerator, init_world, rank_device
 
@@ -140,14 +141,58 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
         return run
     from .engine import initialize
 
-    run.engine = initialize(cfg, model, groups)
+    resume = _pick_resume(cfg, groups) if upto == "train" else None
+    run.engine = initialize(cfg, model, groups, load_universal=resume is not None and resume[1])
     if upto == "engine":
         return run
-    _attach_training(run, manifest)
+    _attach_training(run, manifest, resume)
     return run
 
 
-def _attach_training(run: Run, manifest: Manifest) -> None:
+def layout(cfg: Config, groups: ParallelGroups) -> dict:
+    """What a checkpoint's shards depend on: TP and DP sizes and the ZeRO stage."""
+    return {"tp": groups.tp_size, "dp": groups.dp_size, "zero_stage": cfg.parallel.zero_stage}
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.out_dir) / cfg.run.name / "checkpoints"
+
+
+def _pick_resume(cfg: Config, groups: ParallelGroups) -> tuple[Path, bool] | None:
+    """Collective: (the newest verified checkpoint, whether it needs resharding), or None. A
+    checkpoint of another layout is converted to DeepSpeed's universal format by rank 0 (once) with
+    ``checkpoint.reshard: auto``, and refused with ``off``."""
+    if not cfg.checkpoint.resume:
+        return None
+    latest = CheckpointManager(checkpoint_dir(cfg), keep=cfg.checkpoint.keep).latest_verified()
+    if latest is None:
+        return None
+    saved = json.loads((latest / "xft_state.json").read_text()).get("layout")
+    now = layout(cfg, groups)
+    if saved is None or saved == now:
+        return latest, False
+    change = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
+    if cfg.checkpoint.reshard == "off":
+        raise ConfigError(f"{latest} was written at another layout ({change}) and checkpoint.reshard=off; set "
+                          "checkpoint.reshard=auto to convert it (DeepSpeed universal checkpoint)")
+    stages = {saved.get("zero_stage"), now["zero_stage"]}
+    if not stages <= {1, 2}:
+        # Measured with DeepSpeed 0.19.8: a ZeRO-3 universal checkpoint restores the weights but not
+        # the optimizer state exactly (losses drift by 3e-3 after one step), and fails to load at
+        # TP > 1. ZeRO 0 keeps no optimizer partitions to convert.
+        raise ConfigError(f"{latest} was written at another layout ({change}): resharding supports ZeRO stages 1 "
+                          f"and 2 (saved {saved.get('zero_stage')}, now {now['zero_stage']}); resume at the saved "
+                          "layout, or export the weights (tools/export.py) and start a new run from them")
+    if groups.rank == 0:
+        from ..ckpt.universal import to_universal
+
+        log.info("resharding %s (%s) through DeepSpeed's universal checkpoint", latest, change)
+        to_universal(latest)
+    barrier()
+    return latest, True
+
+
+def _attach_training(run: Run, manifest: Manifest, resume: tuple[Path, bool] | None) -> None:
     """Loader, run directory, checkpoints (resumed if any) and metric sinks."""
     cfg, groups = run.cfg, run.groups
     run.loader = StreamingLoader(manifest, LoaderConfig.from_config(cfg.data, cfg.train), dp_rank=groups.dp_rank,
@@ -163,16 +208,19 @@ def _attach_training(run: Run, manifest: Manifest) -> None:
     if run.rank0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(run.config_text)
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run.run_dir / "checkpoints"
-    run.ckpt = CheckpointManager(ckpt_dir, keep=cfg.checkpoint.keep)
+    run.ckpt = CheckpointManager(checkpoint_dir(cfg), keep=cfg.checkpoint.keep)
     run_id = None
-    latest = run.ckpt.latest_verified() if cfg.checkpoint.resume else None
-    if latest is not None:
-        rank_state, shared = run.ckpt.load(run.engine, latest)
+    if resume is not None:
+        latest, universal = resume
+        rank_state, shared = run.ckpt.load(run.engine, latest, universal=universal)
         run.step, run_id, run.resumed_from = shared["step"], shared.get("wandb_run_id"), latest
         run.loader.load_state_dict(shared["loader"])
-        restore_rng_state(rng_state_from_tensors(rank_state["rng"]), run.streams)
+        if rank_state is not None:
+            restore_rng_state(rng_state_from_tensors(rank_state["rng"]), run.streams)
+        else:  # another layout: the RNG streams are re-derived from the seed and the step (docs)
+            fresh = seed_all(cfg.train.seed * 1_000_003 + run.step, tp_rank=groups.tp_rank)
+            run.streams.set_states(fresh.get_states())
         if run.rank0:
-            log.info("resumed from %s at step %d", latest, run.step)
+            log.info("resumed from %s at step %d%s", latest, run.step, " (resharded)" if universal else "")
     run.sinks = MetricSinks(run.run_dir, mode=cfg.logging.wandb, project=cfg.logging.project, name=cfg.run.name,
                             run_id=run_id, config=cfg.model_dump(mode="json"), enabled=run.rank0)

@@ -1,0 +1,105 @@
+"""Resuming at another TP x DP layout (checkpoint.reshard: auto, DeepSpeed's universal checkpoint),
+through the deepspeed launcher on CPU ranks: saved at TP2xDP2 under ZeRO 1 and 2, resumed at
+TP1xDP2, TP2xDP1 and TP1xDP4, the next steps' losses equal the uninterrupted run's (fp32, 1e-5
+relative), both model kinds; ZeRO-3 and reshard=off are refused with the layouts named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..helpers import REPO, cpu_rank_env, free_port, stdlib_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+BIN = Path(sys.executable).parent
+SAVED, STEPS = 6, 16  # the 10 steps after the resume are compared
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reshard")
+    stdlib_shards(root / "shards", "json", shard_tokens=8000)
+    base = {
+        "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8, "enc_depth": 1},
+        "data": {"shards": str(root / "shards"), "seq_len": 32, "enc_len": 48, "num_streams": 4},
+        "train": {"steps": STEPS, "global_batch": 8, "micro_batch": 2, "seed": 3},
+        "optim": {"lr": 3e-3},
+        "checkpoint": {"every": SAVED, "keep": 2},
+        "logging": {"every": 8, "wandb": "disabled", "progress_bar": False},
+        "run": {"out_dir": str(root / "runs")},
+    }
+    (root / "decoder.yaml").write_text(json.dumps(base))
+    encdec = {**base, "model": {**base["model"], "kind": "encoder_decoder"}, "data": {**base["data"], "mode": "span"}}
+    (root / "encdec.yaml").write_text(json.dumps(encdec))
+    return root
+
+
+def _train(work, config, name, nproc, *overrides, ok=True):
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           str(REPO / "launch" / "pretrain.py"), "--config", str(work / config), f"run.name={name}", *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=cpu_rank_env(), cwd=REPO, timeout=600)
+    if ok:
+        assert res.returncode == 0, f"{name}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+def _losses(work, name):
+    rows = (work / "runs" / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(r)["loss"] for r in rows if '"loss"' in r]
+
+
+def _fork(work, base, name):
+    """A run that holds ``base``'s checkpoint at step SAVED (and its metrics up to there) only."""
+    (work / "runs" / name / "checkpoints").mkdir(parents=True)
+    shutil.copytree(work / "runs" / base / "checkpoints" / f"step-{SAVED:08d}",
+                    work / "runs" / name / "checkpoints" / f"step-{SAVED:08d}")
+    rows = (work / "runs" / base / "metrics.jsonl").read_text().splitlines()[:SAVED]
+    (work / "runs" / name / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+
+TARGETS = [("tp1dp2", 2, "parallel.tp=1"), ("tp2dp1", 2, "parallel.tp=2"), ("tp1dp4", 4, "parallel.tp=1")]
+CASES = [("decoder.yaml", 1, t) for t in TARGETS] + [("decoder.yaml", 2, t) for t in TARGETS] + \
+        [("encdec.yaml", 1, TARGETS[0]), ("encdec.yaml", 1, TARGETS[2])]
+
+
+@pytest.fixture(scope="module")
+def bases(work):
+    out = {}
+    for config, zero in sorted({(c, z) for c, z, _ in CASES}):
+        name = f"{config.split('.')[0]}-z{zero}"
+        _train(work, config, name, 4, "parallel.tp=2", f"parallel.zero_stage={zero}")
+        out[(config, zero)] = name
+    return out
+
+
+@pytest.mark.parametrize("config, zero, target", CASES, ids=lambda v: v if isinstance(v, (str, int)) else v[0])
+def test_resume_at_another_layout_continues_exactly(work, bases, config, zero, target):
+    base = bases[(config, zero)]
+    label, nproc, tp = target
+    name = f"{base}-{label}"
+    _fork(work, base, name)
+    res = _train(work, config, name, nproc, tp, f"parallel.zero_stage={zero}")
+    assert "through DeepSpeed's universal checkpoint" in res.stdout + res.stderr
+    want, got = _losses(work, base), _losses(work, name)
+    assert len(got) == STEPS and got[:SAVED] == want[:SAVED]
+    for step, (a, b) in enumerate(zip(got[SAVED:], want[SAVED:]), SAVED + 1):
+        assert a == pytest.approx(b, rel=1e-5), (step, got[SAVED:], want[SAVED:])
+    ckpt = work / "runs" / name / "checkpoints"
+    assert (ckpt / f"step-{SAVED:08d}" / "universal" / "UNIVERSAL_COMPLETE").exists()
+    assert (ckpt / f"step-{STEPS:08d}" / "COMPLETE").exists()
+
+
+def test_zero3_and_reshard_off_are_refused(work, bases):
+    base = bases[("decoder.yaml", 1)]
+    _fork(work, base, "refuse")
+    res = _train(work, "decoder.yaml", "refuse", 2, "parallel.tp=1", "checkpoint.reshard=off", ok=False)
+    assert res.returncode == 2 and "tp 2 -> 1" in res.stderr and "checkpoint.reshard=off" in res.stderr, res.stderr
+    _fork(work, base, "z3")
+    res = _train(work, "decoder.yaml", "z3", 2, "parallel.tp=1", "parallel.zero_stage=3", ok=False)
+    assert res.returncode == 2 and "resharding supports ZeRO stages 1 and 2" in res.stderr, res.stderr
+    assert (work / "runs" / "z3" / "checkpoints" / f"step-{SAVED:08d}" / "COMPLETE").exists()  # nothing deleted
