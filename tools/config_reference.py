@@ -34,11 +34,28 @@ def render() -> str:
         if field.is_required():
             lines += ["Required section.", ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for key, f in section.model_fields.items():
-            default = "required" if f.is_required() else f"`{f.default!r}`"
-            lines.append(f"| `{name}.{key}` | `{_type(f.annotation)}` | {default} | {f.description or ''} |")
+        lines += _rows(name, section)
         lines.append("")
     return "\n".join(lines)
+
+
+def _rows(prefix: str, section: type[BaseModel]) -> list[str]:
+    """One row per key; a nested section's keys follow under their dotted path."""
+    rows = []
+    for key, f in section.model_fields.items():
+        nested = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+        if nested is not None:
+            rows.append(f"| `{prefix}.{key}` | section | | {f.description or ''} |")
+            rows += _rows(f"{prefix}.{key}", nested)
+            continue
+        if f.is_required():
+            default = "required"
+        elif f.default_factory is not None:
+            default = f"`{f.default_factory()!r}`"
+        else:
+            default = f"`{f.default!r}`"
+        rows.append(f"| `{prefix}.{key}` | `{_type(f.annotation)}` | {default} | {f.description or ''} |")
+    return rows
 
 
 def main(argv=None) -> int:

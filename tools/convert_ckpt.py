@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Consolidate a tensor-parallel checkpoint into one file a single process can load.
+"""Consolidate a tensor-parallel checkpoint into one file a single process can load, or convert it
+to DeepSpeed's universal format for a resume at another TP x DP layout.
 
     python tools/convert_ckpt.py runs/gpt-125m                         # the run's newest complete checkpoint
     python tools/convert_ckpt.py runs/x/checkpoints/step-00001000 --out model.pt
+    python tools/convert_ckpt.py runs/gpt-125m --to universal         # -> <checkpoint>/universal
 
-Load it with ``xft_dist.ckpt.convert.load_consolidated("model.pt")`` (a TP=1 model).
+Load a consolidated file with ``xft_dist.ckpt.convert.load_consolidated("model.pt")`` (a TP=1 model).
+A run with ``checkpoint.reshard: auto`` makes the universal conversion by itself when it needs it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a checkpoint directory, a checkpoints/ directory or a run directory")
     p.add_argument("--out", help="output file (default: <checkpoint>/consolidated.pt)")
+    p.add_argument("--to", choices=["consolidated", "universal"], default="consolidated")
     a = p.parse_args(argv)
     path = Path(a.path)
     if not (path / "COMPLETE").exists():
@@ -43,6 +47,12 @@ def main(argv=None) -> int:
             print(f"convert_ckpt: no complete checkpoint under {a.path}", file=sys.stderr)
             return 2
     try:
+        if a.to == "universal":
+            from xft_dist.ckpt.universal import to_universal
+
+            read_checkpoint_config(path)  # complete and verified
+            print(f"wrote {to_universal(path)}")
+            return 0
         data = consolidate(path, reference=reference_model(path))
     except ValueError as e:
         print(f"convert_ckpt: {e}", file=sys.stderr)

@@ -103,3 +103,17 @@ def test_zero3_and_reshard_off_are_refused(work, bases):
     res = _train(work, "decoder.yaml", "z3", 2, "parallel.tp=1", "parallel.zero_stage=3", ok=False)
     assert res.returncode == 2 and "resharding supports ZeRO stages 1 and 2" in res.stderr, res.stderr
     assert (work / "runs" / "z3" / "checkpoints" / f"step-{SAVED:08d}" / "COMPLETE").exists()  # nothing deleted
+
+
+def test_convert_tool_makes_the_universal_conversion_a_resume_then_uses(work, bases):
+    base = bases[("decoder.yaml", 2)]
+    _fork(work, base, "tool")
+    ckpt = work / "runs" / "tool" / "checkpoints" / f"step-{SAVED:08d}"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), str(work / "runs" / "tool"),
+                          "--to", "universal"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0 and str(ckpt / "universal") in res.stdout, res.stderr
+    made = (ckpt / "universal" / "UNIVERSAL_COMPLETE").stat().st_mtime
+    _train(work, "decoder.yaml", "tool", 2, "parallel.tp=1", "parallel.zero_stage=2")
+    assert (ckpt / "universal" / "UNIVERSAL_COMPLETE").stat().st_mtime == made  # reused, not redone
+    got, want = _losses(work, "tool"), _losses(work, base)
+    assert got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-5)
