@@ -29,7 +29,7 @@ def work(tmp_path_factory):
         "data": {"shards": str(root / "shards"), "seq_len": 32, "enc_len": 48, "num_streams": 4},
         "train": {"steps": STEPS, "global_batch": 8, "micro_batch": 2, "seed": 3},
         "optim": {"lr": 3e-3},
-        "checkpoint": {"every": SAVED, "keep": 2},
+        "checkpoint": {"every": SAVED, "keep": 3},  # steps 6, 12 and 16
         "logging": {"every": 8, "wandb": "disabled", "progress_bar": False},
         "run": {"out_dir": str(root / "runs")},
     }
