@@ -88,6 +88,17 @@ def trained(tmp_path_factory):
     return root
 
 
+def _assert_probe_logits(model, run_dir: Path) -> None:
+    """The one-process model gives the logits the TP=2 model gave on the saved probe inputs."""
+    probe = torch.load(run_dir / "probe.pt", weights_only=False)
+    with torch.no_grad():
+        if run_dir.name.startswith("decoder"):
+            logits = model.net(probe["tgt"])
+        else:
+            logits = model.decoder.net(probe["tgt"], context=model.encode(probe["src"]))
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("run", ["decoder-zero1", "decoder-zero2", "encoder_decoder-zero1", "decoder-zero3",
                                  "encoder_decoder-zero3"])
 def test_consolidated_tp1_model_reproduces_tp2_logits(trained, run):
@@ -99,13 +110,7 @@ def test_consolidated_tp1_model_reproduces_tp2_logits(trained, run):
     assert out.returncode == 0, out.stderr
     assert ckpt.exists()
     model = load_consolidated(trained / f"{run}.pt").eval()
-    probe = torch.load(trained / run / "probe.pt", weights_only=False)
-    with torch.no_grad():
-        if run.startswith("decoder"):
-            logits = model.net(probe["tgt"])
-        else:
-            logits = model.decoder.net(probe["tgt"], context=model.encode(probe["src"]))
-    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+    _assert_probe_logits(model, trained / run)
 
 
 @pytest.mark.parametrize("run", ["decoder-zero3", "encoder_decoder-zero3", "decoder-zero1"])
@@ -119,13 +124,7 @@ def test_export_fp32_from_any_zero_stage_reproduces_tp2_logits(trained, run, tmp
     assert torch.load(out, weights_only=True)["format"] == "xft_dist-export/1"  # plain tensors and strings
     model = load_exported(out)
     assert next(model.parameters()).dtype == torch.float32
-    probe = torch.load(trained / run / "probe.pt", weights_only=False)
-    with torch.no_grad():
-        if run.startswith("decoder"):
-            logits = model.net(probe["tgt"])
-        else:
-            logits = model.decoder.net(probe["tgt"], context=model.encode(probe["src"]))
-    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+    _assert_probe_logits(model, trained / run)
     bf16 = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / run), "--to", "fp32",
                            "--dtype", "bf16", "--out", str(tmp_path / "bf16.pt")], capture_output=True, text=True,
                           timeout=300)
