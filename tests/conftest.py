@@ -9,6 +9,10 @@ A fast loop: ``make test PYTEST_ARGS="-m 'not slow'"``. Shared helpers live in `
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 MARKERS = {
     "slow": "multi-process runs through real launchers, SLURM jobs, the parity matrix (minutes)",
     "root": "needs root: a local SLURM cluster or network namespaces started by the test",
@@ -19,3 +23,34 @@ MARKERS = {
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+
+
+SHM = Path("/dev/shm")
+DS_SHM_BUFFER = "deepspeed_allreduce_buffer_*"
+
+
+def _mapped_shm_buffers() -> set[str]:
+    """Names of DeepSpeed CPU all-reduce buffers some live process still maps."""
+    live = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended meanwhile, or is not ours to read
+            continue
+        live.update(line.rsplit("/", 1)[-1] for line in text.splitlines() if "deepspeed_allreduce_buffer_" in line)
+    return live
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_shm_buffers():
+    """DeepSpeed's CPU communication op leaves a 66 MB buffer per rank in /dev/shm when its processes
+    exit; a suite of many launches would fill the tmpfs (and memory). Remove the unmapped ones."""
+    yield
+    if not SHM.is_dir():
+        return
+    stale = list(SHM.glob(DS_SHM_BUFFER))
+    if stale:
+        live = _mapped_shm_buffers()
+        for f in stale:
+            if f.name not in live:
+                f.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -180,3 +181,13 @@ def finish(r: Run, summary: dict) -> None:
               f"  W&B ({r.sinks.mode}): {summary['wandb'] or 'disabled'}{sync}", flush=True)
     barrier()
     dist.destroy_process_group()
+    _release_shm_buffer()
+
+
+def _release_shm_buffer() -> None:
+    """DeepSpeed's CPU communication op leaves a 66 MB all-reduce buffer per rank in /dev/shm when
+    the process exits; unlink this rank's (the mapping stays valid until the process ends)."""
+    addr, port, local = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
+    if addr and port and local is not None:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+            f.unlink(missing_ok=True)
