@@ -1,8 +1,9 @@
 """Consolidating a TP=2 checkpoint (ZeRO 1, 2 and 3, decoder and encoder-decoder): the TP=1 model
-loaded from it gives the logits the TP=2 model gave."""
+loaded from it, and the x-transformers model exported from it, give the logits the TP=2 model gave."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,19 @@ from .harness import CheckSet
 CONVERT = CheckSet(world_size=2, timeout_s=400)
 
 
-def _train_save_and_probe(kind: str, zero: int) -> None:
+# Models x-transformers can express (bias-free LayerNorm, or RMSNorm without epsilon), trained at
+# TP=2 under ZeRO-3: tied / untied head, rotary / absolute positions, GQA, SwiGLU, GELU, RMSNorm,
+# LayerNorm, and an encoder-decoder whose encoder (the context) is wider than the decoder.
+XT_VARIANTS = {
+    "xt_tied": ("decoder", {"heads": 4, "kv_heads": 2, "ff_glu": True, "ff_swish": True, "use_rmsnorm": True,
+                            "norm_eps": 0.0, "depth": 2}),
+    "xt_untied": ("decoder", {"tie_embedding": False, "rotary_pos_emb": False, "norm_bias": False, "depth": 2}),
+    "xt_encdec": ("encoder_decoder", {"heads": 4, "kv_heads": 2, "ff_glu": True, "ff_swish": True,
+                                      "use_rmsnorm": True, "norm_eps": 0.0}),
+}
+
+
+def _train_save_and_probe(kind: str, zero: int, name: str | None = None, **model_overrides) -> None:
     import torch.distributed as dist
 
     from xft_dist.ckpt import CheckpointManager
@@ -26,6 +39,7 @@ def _train_save_and_probe(kind: str, zero: int) -> None:
     from xft_dist.train.setup import VocabFacts, build_run
 
     model_cfg = {"kind": kind, "dim": 32, "depth": 1, "heads": 2, "dim_head": 8, "enc_depth": 1, "enc_dim": 48}
+    model_cfg |= model_overrides
     data = {"shards": "unused", "seq_len": 12, "enc_len": 16, "mode": "span" if kind != "decoder" else "packed"}
     cfg = validate({"model": model_cfg, "data": data, "parallel": {"tp": 2, "zero_stage": zero},
                     "train": {"global_batch": 2, "micro_batch": 2}})
@@ -37,12 +51,13 @@ def _train_save_and_probe(kind: str, zero: int) -> None:
         loss = engine(tgt) if kind == "decoder" else engine(src, tgt)
         engine.backward(loss)
         engine.step()
-    root = Path(os.environ["XFT_CONVERT_DIR"]) / f"{kind}-zero{zero}"
+    root = Path(os.environ["XFT_CONVERT_DIR"]) / (name or f"{kind}-zero{zero}")
     CheckpointManager(root).save(engine, 2, rank_state={}, shared={"num_tokens": 61, "pad_id": 0},
                                  config_text=dump_config(cfg))
     with torch.no_grad():
         module = engine.module.eval()
         if kind == "decoder":
+            tgt = tgt[:, :-1]  # the LM's inputs: seq_len (= learned positions) long
             logits = module.net(tgt, gather_logits=True)
         else:
             logits = module.decoder.net(tgt, context=module.encode(src), gather_logits=True)
@@ -75,6 +90,12 @@ def encoder_decoder_zero3():
     _train_save_and_probe("encoder_decoder", 3)
 
 
+@CONVERT.check
+def xt_variants_zero3():
+    for name, (kind, overrides) in XT_VARIANTS.items():
+        _train_save_and_probe(kind, 3, name, **overrides)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
@@ -92,7 +113,7 @@ def _assert_probe_logits(model, run_dir: Path) -> None:
     """The one-process model gives the logits the TP=2 model gave on the saved probe inputs."""
     probe = torch.load(run_dir / "probe.pt", weights_only=False)
     with torch.no_grad():
-        if run_dir.name.startswith("decoder"):
+        if not hasattr(model, "encode"):
             logits = model.net(probe["tgt"])
         else:
             logits = model.decoder.net(probe["tgt"], context=model.encode(probe["src"]))
@@ -129,6 +150,41 @@ def test_export_fp32_from_any_zero_stage_reproduces_tp2_logits(trained, run, tmp
                            "--dtype", "bf16", "--out", str(tmp_path / "bf16.pt")], capture_output=True, text=True,
                           timeout=300)
     assert bf16.returncode == 0 and next(load_exported(tmp_path / "bf16.pt").parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("run", sorted(XT_VARIANTS))
+def test_export_to_xtransformers_reproduces_tp2_logits(trained, run, tmp_path):
+    from xft_dist.ckpt import build_xtransformers
+
+    out = tmp_path / "model.pt"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / run), "--to",
+                          "x-transformers", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "check: max |logit difference|" in res.stdout, res.stdout
+    spec = json.loads((tmp_path / "model.json").read_text())
+    kind = XT_VARIANTS[run][0]
+    assert spec["class"] == ("TransformerWrapper" if kind == "decoder" else "XTransformer")
+    if kind == "decoder":
+        assert spec["kwargs"]["attn_layers"]["class"] == "Decoder"
+    xt = build_xtransformers(tmp_path / "model.json").eval()
+    xt.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    probe = torch.load(trained / run / "probe.pt", weights_only=False)
+    with torch.no_grad():
+        if kind == "decoder":
+            logits = xt(probe["tgt"])
+        else:
+            logits = xt.decoder.net(probe["tgt"], context=xt.encoder(probe["src"], return_embeddings=True))
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_export_to_xtransformers_refuses_what_it_cannot_express(trained, tmp_path):
+    """The default LayerNorm has a bias, which x-transformers' LayerNorm lacks: refused by name,
+    nothing written."""
+    out = tmp_path / "model.pt"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / "decoder-zero3"), "--to",
+                          "x-transformers", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "model.norm_bias" in res.stderr, res.stderr
+    assert not out.exists() and not (tmp_path / "model.json").exists()
 
 
 def test_export_refuses_incomplete_and_damaged_checkpoints(trained, tmp_path):

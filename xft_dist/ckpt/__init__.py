@@ -11,4 +11,12 @@ def load_exported(path, *, device="cpu"):
     return load(path, device=device)
 
 
-__all__ = ["CheckpointManager", "load_exported"]
+def build_xtransformers(spec):
+    """The x-transformers model of a ``tools/export.py --to x-transformers`` constructor call (the
+    ``.json`` file, or its contents); see ``xtransformers.build_xtransformers``."""
+    from .xtransformers import build_xtransformers as build
+
+    return build(spec)
+
+
+__all__ = ["CheckpointManager", "build_xtransformers", "load_exported"]

@@ -35,6 +35,8 @@ class ModelSection(Section):
     ff_glu: bool = Field(False, description="gated feed-forward (GEGLU; SwiGLU with ff_swish)")
     ff_swish: bool = Field(False, description="SiLU instead of GELU")
     use_rmsnorm: bool = Field(False, description="RMSNorm instead of LayerNorm")
+    norm_bias: bool = Field(True, description="LayerNorm with a bias; false: bias-free, as x-transformers' LayerNorm")
+    norm_eps: float = Field(1e-5, ge=0, description="LayerNorm / RMSNorm epsilon (x-transformers' RMSNorm has none: 0)")
     rotary_pos_emb: bool = Field(True, description="rotary positions; false: learned absolute")
     attn_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention probabilities")
     ff_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on feed-forward hidden units")

@@ -20,7 +20,8 @@ from .wrappers import AutoregressiveWrapper, TransformerWrapper
 def build_model(cfg: Config, groups: ParallelGroups, rng: RNGStreams | None, *, num_tokens: int, pad_id: int):
     m, loss = cfg.model, cfg.loss
     layer_kw = dict(attn_dim_head=m.head_dim, attn_kv_heads=m.kv_heads, ff_mult=m.ff_mult, ff_glu=m.ff_glu,
-                    ff_swish=m.ff_swish, use_rmsnorm=m.use_rmsnorm, rotary_pos_emb=m.rotary_pos_emb,
+                    ff_swish=m.ff_swish, use_rmsnorm=m.use_rmsnorm, norm_bias=m.norm_bias, norm_eps=m.norm_eps,
+                    rotary_pos_emb=m.rotary_pos_emb,
                     attn_dropout=m.attn_dropout, ff_dropout=m.ff_dropout,
                     activation_checkpointing=m.activation_checkpointing)
     init = InitScheme(name=m.init, std=m.init_std, emb_std=m.emb_init_std, head_std=m.head_init_std)

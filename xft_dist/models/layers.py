@@ -20,18 +20,19 @@ from .cache import BlockCache, LayerIntermediates
 class Block(nn.Module):
     def __init__(self, dim, *, heads, dim_head, kv_heads, causal, cross_attend, dim_context,
                  attn_dropout, ff_mult, ff_glu, ff_swish, ff_dropout, use_rmsnorm, attn_backend,
-                 group, rng, init, num_layers):
+                 group, rng, init, num_layers, norm_bias=True, norm_eps=1e-5):
         super().__init__()
         attn_kw = dict(heads=heads, dim_head=dim_head, dropout=attn_dropout, group=group, rng=rng,
                        backend=attn_backend, init=init, num_layers=num_layers)
-        self.attn_norm = make_norm(dim, rmsnorm=use_rmsnorm)
+        norm = dict(rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps)
+        self.attn_norm = make_norm(dim, **norm)
         self.attn = Attention(dim, kv_heads=kv_heads, causal=causal, **attn_kw)
         if cross_attend:
-            self.cross_norm = make_norm(dim, rmsnorm=use_rmsnorm)
+            self.cross_norm = make_norm(dim, **norm)
             self.cross_attn = Attention(dim, dim_context=dim_context or dim, **attn_kw)
         else:
             self.cross_norm = self.cross_attn = None
-        self.ff_norm = make_norm(dim, rmsnorm=use_rmsnorm)
+        self.ff_norm = make_norm(dim, **norm)
         self.ff = FeedForward(dim, mult=ff_mult, glu=ff_glu, swish=ff_swish, dropout=ff_dropout,
                               group=group, rng=rng, init=init, num_layers=num_layers)
 
@@ -53,6 +54,8 @@ class AttentionLayers(nn.Module):
 
     ``activation_checkpointing``: 0 off, 1 every layer, k every k-th layer (layers 0, k, 2k, ...).
     ``rng`` (from ``xft_dist.parallel.seed_all``) is required for dropout at TP > 1.
+    ``norm_bias=False``: LayerNorms without a bias (x-transformers' LayerNorm); ``norm_eps``: the
+    norms' epsilon (x-transformers' RMSNorm has none, i.e. 0).
     ``init``: a scheme name (``normal``, ``small_init``, ``xtransformers``) or an ``InitScheme``
     (see ``xft_dist.nn.init``); the wrapper around the stack uses it for embeddings and head too.
     """
@@ -74,6 +77,8 @@ class AttentionLayers(nn.Module):
         ff_swish: bool = False,
         ff_dropout: float = 0.0,
         use_rmsnorm: bool = False,
+        norm_bias: bool = True,
+        norm_eps: float = 1e-5,
         rotary_pos_emb: bool = True,
         rotary_emb_dim: int | None = None,
         rotary_theta: float = 10000.0,
@@ -110,10 +115,10 @@ class AttentionLayers(nn.Module):
                   cross_attend=cross_attend, dim_context=cross_attn_dim_context, attn_dropout=attn_dropout,
                   ff_mult=ff_mult, ff_glu=ff_glu, ff_swish=ff_swish, ff_dropout=ff_dropout,
                   use_rmsnorm=use_rmsnorm, attn_backend=attn_backend, group=self.groups.tp_group, rng=rng,
-                  init=self.init, num_layers=depth)
+                  init=self.init, num_layers=depth, norm_bias=norm_bias, norm_eps=norm_eps)
             for _ in range(depth)
         )
-        self.final_norm = make_norm(dim, rmsnorm=use_rmsnorm)
+        self.final_norm = make_norm(dim, rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps)
 
     def forward(
         self,
