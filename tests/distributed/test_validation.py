@@ -104,6 +104,15 @@ def test_valid_metrics_samples_and_wandb(work, runs):
     assert len(wandb_files) == 1
     logged = [row for row in history(wandb_files[0]) if "valid/loss" in row]
     assert [row["valid/loss"] for row in logged] == [_valid(rows)[20], _valid(rows)[40]]
+    # the samples went to W&B as tables (one per sampling step), whose files hold the JSONL's rows
+    tables = [{k.removeprefix("samples/"): v for k, v in row.items() if k.startswith("samples/")}
+              for row in history(wandb_files[0]) if "samples/_type" in row]
+    assert len(tables) == 2 and all(t["_type"] == "table-file" and t["nrows"] == 2 for t in tables), tables
+    files = wandb_files[0].parent / "files"
+    for table in tables:
+        data = json.loads((files / table["path"]).read_text())
+        assert data["columns"] == ["step", "prompt", "continuation"]
+        assert {(r[1], r[2]) for r in data["data"]} <= {(s["prompt"], s["continuation"]) for s in samples}
 
 
 def test_evaluate_tool_on_the_final_checkpoint_matches_the_run(work, runs):

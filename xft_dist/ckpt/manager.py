@@ -164,10 +164,14 @@ class CheckpointManager:
         with ``checkpoint.load_universal``); rank states do not apply then (None)."""
         rank, _ = _rank_world()
         if universal:
-            from .universal import UNIVERSAL_DIR
+            from .universal import UNIVERSAL_DIR, prepare_zero3_universal_load, restore_param_group_hyperparameters
 
+            zero3 = engine.zero_optimization_stage() == 3
+            groups = prepare_zero3_universal_load(engine) if zero3 else None
             engine.load_checkpoint(str(path), tag=UNIVERSAL_DIR, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
+            if zero3:
+                restore_param_group_hyperparameters(engine, groups)
             return None, json.loads((path / "xft_state.json").read_text())
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)

@@ -7,6 +7,17 @@ their padding stripped back to the real vocabulary, everything else replicated. 
 runs DeepSpeed's ``ds_to_universal`` on a checkpoint (once: the result, ``<checkpoint>/universal``,
 is committed with its own marker) and an engine configured with ``checkpoint.load_universal``
 then loads the weights and optimizer state of its own slice at any layout.
+
+ZeRO-3 (DeepSpeed 0.19.8) converts tensor-parallel checkpoints the same way, but its universal load
+slices a TP shard only out of parameters annotated by DeepSpeed's AutoTP, does not re-pad
+vocabularies, gives every parameter group the hyperparameters of the first (so the group without
+weight decay would be decayed), and shares one step counter among all of them. ``prepare_zero3_universal_load`` fixes all three on the engine before
+``load_checkpoint``: the optimizer reads each parameter's full tensor from the universal folder, pads
+a vocabulary to this layout's padded size as DeepSpeed does for ZeRO 1/2, takes this TP rank's slice
+by the same split ``universal_checkpoint_info`` records, then DeepSpeed's own ZeRO-3 partition of it;
+``restore_param_group_hyperparameters`` puts each group's own weight decay back afterwards and gives
+every optimizer state its own step counter (the load shares one tensor, which Adam then advances once
+per parameter group: the bias correction drifts from the second step on).
 """
 
 from __future__ import annotations
@@ -24,24 +35,39 @@ UNIVERSAL_DIR = "universal"
 DONE = "UNIVERSAL_COMPLETE"
 
 
+def tp_splits(model: nn.Module) -> dict[str, tuple[str, int | None]]:
+    """Each parameter's TP split: ``(kind, dim)`` with kind ``vocab`` (dim 0, padded rows),
+    ``column`` (dim 0), ``row`` (dim 1) or ``replicated`` (None)."""
+    from ..nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    out = {}
+    for mname, m in model.named_modules():
+        for pname, _ in m.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if isinstance(m, VocabParallelEmbedding):
+                out[name] = ("vocab", 0)
+            elif isinstance(m, ColumnParallelLinear) and m.group is not None:
+                out[name] = ("column", 0)
+            elif isinstance(m, RowParallelLinear) and m.group is not None and pname == "weight":
+                out[name] = ("row", 1)
+            else:
+                out[name] = ("replicated", None)
+    return out
+
+
 def universal_checkpoint_info(model: nn.Module, num_tokens: int) -> dict:
     """DeepSpeed's ``universal_checkpoint_info`` for our layers (parameter names as the engine's)."""
     from deepspeed.checkpoint import constants as c
 
-    from ..nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-
     replicated, row, vocab = [], [], []
-    for mname, m in model.named_modules():
-        for pname, _ in m.named_parameters(recurse=False):
-            pattern = "^" + re.escape(f"{mname}.{pname}" if mname else pname) + "$"
-            if isinstance(m, VocabParallelEmbedding):
-                vocab.append(pattern)
-            elif isinstance(m, ColumnParallelLinear) and m.group is not None:
-                continue  # split along dim 0: DeepSpeed's default
-            elif isinstance(m, RowParallelLinear) and m.group is not None and pname == "weight":
-                row.append(pattern)
-            else:
-                replicated.append(pattern)
+    for name, (kind, _) in tp_splits(model).items():
+        pattern = "^" + re.escape(name) + "$"
+        if kind == "vocab":
+            vocab.append(pattern)
+        elif kind == "row":
+            row.append(pattern)
+        elif kind == "replicated":
+            replicated.append(pattern)  # column: split along dim 0, DeepSpeed's default
     return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2, c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
             c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row, c.VOCABULARY_PARAMETER_PATTERNS: vocab,
             c.ORIGINAL_VOCAB_SIZE: num_tokens}
@@ -76,3 +102,73 @@ def to_universal(ckpt: Path) -> Path:
         shutil.copy(f, out / f.name)
     (out / DONE).write_text("ok\n")
     return out
+
+
+def _tp_group_of(model: nn.Module):
+    from ..nn import VocabParallelEmbedding
+
+    for m in model.modules():
+        if isinstance(m, VocabParallelEmbedding):
+            return m.group
+    return None
+
+
+def prepare_zero3_universal_load(engine) -> list[dict]:
+    """Make a ZeRO-3 engine's universal load slice our TP shards and re-pad vocabularies (see the
+    module docstring). Returns each optimizer parameter group's hyperparameters, for
+    ``restore_param_group_hyperparameters`` after the load."""
+    import math
+    import os
+
+    import torch
+    import torch.nn.functional as F
+    from deepspeed.checkpoint.constants import PARAM
+
+    from ..parallel import group_rank, group_size
+
+    optimizer = engine.optimizer
+    splits = tp_splits(engine.module)
+    group = _tp_group_of(engine.module)
+    tp, tp_rank = group_size(group), group_rank(group)
+
+    def read(folder, key, param=None):
+        name = os.path.basename(os.path.normpath(folder))
+        if name not in splits:
+            raise ValueError(f"universal checkpoint: {folder} is not a parameter of this model")
+        kind, dim = splits[name]
+        data = torch.load(os.path.join(folder, f"{key}.pt"), map_location="cpu", weights_only=False)
+        full = data[PARAM] if isinstance(data, dict) else data
+        shape = tuple(param.ds_shape)  # this TP rank's (ZeRO-unpartitioned) shape
+        if kind == "vocab" and full.shape[0] < shape[0] * tp:  # stripped to the real vocabulary: pad back
+            full = F.pad(full, (0, 0, 0, shape[0] * tp - full.shape[0]), "constant", 0)
+        if dim is not None and tp > 1:
+            full = full.narrow(dim, tp_rank * shape[dim], shape[dim])
+        if tuple(full.shape) != shape:
+            raise ValueError(f"universal checkpoint: {name} {key} has shape {tuple(full.shape)}, this layout "
+                             f"needs {shape} (tensor-parallel rank {tp_rank} of {tp})")
+        flat = full.reshape(-1)
+        dp_group = optimizer._get_param_partition_group(param)  # DeepSpeed's ZeRO-3 partition of it
+        world, rank = group_size(dp_group), group_rank(dp_group)
+        part = math.ceil(flat.numel() / world)
+        flat = F.pad(flat, (0, part * world - flat.numel()))
+        return flat.narrow(0, rank * part, part)
+
+    optimizer.load_hp_checkpoint_state = read  # this instance only
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.optimizer.param_groups]
+
+
+def restore_param_group_hyperparameters(engine, saved: list[dict]) -> None:
+    """After a ZeRO-3 universal load: each optimizer parameter group's own weight decay (the load
+    set every group's to the first group's), and a step counter of its own for every state (the load
+    gave all of them one tensor, which Adam then advances once per group and step)."""
+    import torch
+
+    optimizer = engine.optimizer.optimizer
+    groups = optimizer.param_groups
+    if len(groups) != len(saved):
+        raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after the load, {len(saved)} before")
+    for g, before in zip(groups, saved):
+        g["weight_decay"] = before["weight_decay"]
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

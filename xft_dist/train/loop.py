@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 from ..ckpt.universal import universal_client_state
-from ..config import Config
-from ..data import StreamingLoader
+from ..config import Config, ConfigError
+from ..data import DataError, StreamingLoader
 from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
 from ..parallel import all_gather_object, barrier, capture_rng_state, rng_state_to_tensors
-from ..runtime import DistEnv, write_status
+from ..runtime import DistEnv, LaunchError, write_status
 from ..runtime.faults import explain, is_comm_error
 from .setup import Run, build_run, layout
 from .step import train_step
@@ -39,6 +39,12 @@ def run(cfg: Config, *, local_rank: int | None = None, stop=None) -> dict:
         summary = train(r, stop=stop)
         finish(r, summary)
         return summary
+    except (ConfigError, DataError, LaunchError):
+        # Bad input, refused alike by every rank (e.g. a checkpoint it cannot reshard): leave the
+        # process group before the interpreter exits, or gloo's threads abort the teardown and the
+        # caller's exit status 2 becomes 250.
+        _leave_world()
+        raise
     except Exception as e:  # noqa: BLE001 - any collective failure, whatever layer raised it
         if not (dist.is_initialized() and is_comm_error(e)):
             raise
@@ -181,6 +187,12 @@ def finish(r: Run, summary: dict) -> None:
               f"  W&B ({r.sinks.mode}): {summary['wandb'] or 'disabled'}{sync}", flush=True)
     barrier()
     dist.destroy_process_group()
+    _release_shm_buffer()
+
+
+def _leave_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
     _release_shm_buffer()
 
 

@@ -175,14 +175,14 @@ def _pick_resume(cfg: Config, groups: ParallelGroups) -> tuple[Path, bool] | Non
     if cfg.checkpoint.reshard == "off":
         raise ConfigError(f"{latest} was written at another layout ({change}) and checkpoint.reshard=off; set "
                           "checkpoint.reshard=auto to convert it (DeepSpeed universal checkpoint)")
-    stages = {saved.get("zero_stage"), now["zero_stage"]}
-    if not stages <= {1, 2}:
-        # Measured with DeepSpeed 0.19.8: a ZeRO-3 universal checkpoint restores the weights but not
-        # the optimizer state exactly (losses drift by 3e-3 after one step), and fails to load at
-        # TP > 1. ZeRO 0 keeps no optimizer partitions to convert.
-        raise ConfigError(f"{latest} was written at another layout ({change}): resharding supports ZeRO stages 1 "
-                          f"and 2 (saved {saved.get('zero_stage')}, now {now['zero_stage']}); resume at the saved "
-                          "layout, or export the weights (tools/export.py) and start a new run from them")
+    if saved.get("zero_stage") == 0 or now["zero_stage"] == 0:
+        # ZeRO 0 keeps no optimizer partitions for DeepSpeed's universal conversion to read.
+        raise ConfigError(f"{latest} was written at another layout ({change}): resharding needs ZeRO stage 1, 2 or 3 "
+                          f"on both sides (saved {saved.get('zero_stage')}, now {now['zero_stage']}); resume at the "
+                          "saved layout, or export the weights (tools/export.py) and start a new run from them")
+    if saved.get("zero_stage") != now["zero_stage"] and 3 in (saved.get("zero_stage"), now["zero_stage"]):
+        raise ConfigError(f"{latest} was written at another layout ({change}): resharding keeps ZeRO-3 checkpoints "
+                          "at ZeRO-3 and ZeRO 1/2 ones at 1 or 2; set parallel.zero_stage to the saved stage")
     if groups.rank == 0:
         from ..ckpt.universal import to_universal
 
