@@ -11,13 +11,13 @@ then loads the weights and optimizer state of its own slice at any layout.
 ZeRO-3 (DeepSpeed 0.19.8) converts tensor-parallel checkpoints the same way, but its universal load
 slices a TP shard only out of parameters annotated by DeepSpeed's AutoTP, does not re-pad
 vocabularies, gives every parameter group the hyperparameters of the first (so the group without
-weight decay would be decayed), and shares one step counter among all of them. ``prepare_zero3_universal_load`` fixes all three on the engine before
-``load_checkpoint``: the optimizer reads each parameter's full tensor from the universal folder, pads
-a vocabulary to this layout's padded size as DeepSpeed does for ZeRO 1/2, takes this TP rank's slice
-by the same split ``universal_checkpoint_info`` records, then DeepSpeed's own ZeRO-3 partition of it;
-``restore_param_group_hyperparameters`` puts each group's own weight decay back afterwards and gives
-every optimizer state its own step counter (the load shares one tensor, which Adam then advances once
-per parameter group: the bias correction drifts from the second step on).
+weight decay would be decayed), and gives all optimizer states one shared step counter (which Adam
+then advances once per parameter group: the bias correction drifts from the second step on).
+``prepare_zero3_universal_load`` fixes the first two on the engine before ``load_checkpoint``: the
+optimizer reads each parameter's full tensor from the universal folder, pads a vocabulary to this
+layout's padded size as DeepSpeed does for ZeRO 1/2, takes this TP rank's slice by the split
+``universal_checkpoint_info`` records, then DeepSpeed's own ZeRO-3 partition of it.
+``restore_param_group_hyperparameters`` fixes the other two after it.
 """
 
 from __future__ import annotations
