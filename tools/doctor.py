@@ -61,7 +61,7 @@ def shard_check(cfg) -> tuple[str, bool, str]:
     from xft_dist.data import DataError, Manifest
 
     try:
-        m = Manifest.load(cfg.data.shards)
+        m = Manifest.load(cfg.data.primary_shards)
     except DataError as e:
         return "shards", False, str(e)
     missing = [s.url for s in m.shards if "://" not in s.url and not s.url.startswith("pipe:")
@@ -91,7 +91,7 @@ def disk_check(cfg) -> tuple[str, bool, str]:
 
     m = cfg.model
     try:
-        vocab = m.num_tokens or Manifest.load(cfg.data.shards).tokenizer["vocab_size"]
+        vocab = m.num_tokens or Manifest.load(cfg.data.primary_shards).tokenizer["vocab_size"]
     except DataError:
         vocab = m.num_tokens or 50304
     params = estimate_parameters(vocab=vocab, dim=m.dim, depth=m.depth, heads=m.heads,

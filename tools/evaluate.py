@@ -36,7 +36,7 @@ def main(argv=None) -> int:
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
                 update={"valid": cfg.data.valid.model_copy(update={"batches": a.batches})})})
         tokenizer = shared.get("tokenizer")
-        train = Manifest.load(cfg.data.shards) if tokenizer is None else None
+        train = Manifest.load(cfg.data.primary_shards) if tokenizer is None else None
         reference = train or _TokenizerOnly(tokenizer)
         manifest = valid_manifest(cfg, reference, a.shards)
         if manifest is None:

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         model, cfg, shared, ckpt = load_checkpoint_model(a.run, device=device)
         if cfg.data.mode == "span":
             raise ValueError(f"{ckpt}: an encoder-decoder (data.mode=span); generate.py continues decoder LMs")
-        identity = shared.get("tokenizer") or Manifest.load(cfg.data.shards).tokenizer
+        identity = shared.get("tokenizer") or Manifest.load(cfg.data.primary_shards).tokenizer
         tok = tokenizer_from_identity(identity, a.tokenizer)
         prompts = []
         for text in a.prompt:

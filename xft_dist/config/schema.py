@@ -72,19 +72,49 @@ class ValidSection(Section):
     batch_rows: int | None = Field(None, ge=1, description="rows per validation batch (default train.global_batch)")
 
 
+class SourceSection(Section):
+    shards: str = Field(..., description="directory holding this corpus's manifest.json")
+    weight: float = Field(1.0, gt=0, description="share of the training tokens (normalised over the sources)")
+    name: str | None = Field(None, description="logged as data/<name>/tokens and /epoch; default: the directory name")
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.shards.rstrip("/").rsplit("/", 1)[-1] or self.shards)
+
+
 class DataSection(Section):
-    shards: str = Field(..., description="directory holding manifest.json")
+    shards: str | None = Field(None, description="directory holding manifest.json (one corpus; or data.sources)")
+    sources: list[SourceSection] | None = Field(
+        None, description="a weighted mixture of corpora: [{shards, weight, name}, ...] (instead of data.shards)")
     valid: ValidSection = Field(ValidSection(), description="held-out evaluation")
     mode: Literal["packed", "padded", "span"] = Field(
         "packed", description="packed causal LM rows, one padded document per row, or T5 span corruption")
     seq_len: int = Field(256, ge=2, description="tokens per row (decoder length in span mode)")
     enc_len: int = Field(512, ge=4, description="span mode: encoder length")
     num_streams: int = Field(8, ge=1, description="fixed for the run; every DP size must divide it")
-    shuffle: bool = Field(True, description="shuffle shards per epoch and documents per shard")
+    shuffle: bool = Field(True, description="shuffle shards per epoch and documents within a shard (buffer shuffle)")
+    shuffle_buffer: int = Field(1024, ge=1, description="documents a stream holds for the within-shard shuffle")
     num_workers: int = Field(0, ge=0, description="DataLoader workers (never change the batches)")
     skip_bad: bool = Field(False, description="skip, count and log bad shards/documents instead of failing")
     noise_density: float = Field(0.15, gt=0, lt=1, description="span mode: fraction of tokens masked")
     mean_span: float = Field(3.0, gt=0, description="span mode: mean noise span length")
+
+    @model_validator(mode="after")
+    def _one_corpus_or_a_mixture(self):
+        if (self.shards is None) == (self.sources is None):
+            raise ValueError("set exactly one of data.shards (one corpus) and data.sources (a mixture)")
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("data.sources is empty: list at least one {shards, weight}")
+            labels = [s.label for s in self.sources]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"data.sources: names must be unique, got {labels} (set name: for each)")
+        return self
+
+    @property
+    def primary_shards(self) -> str:
+        """The corpus whose manifest names the tokenizer (every source shares it)."""
+        return self.shards if self.shards is not None else self.sources[0].shards
 
 
 class TrainSection(Section):

@@ -8,7 +8,8 @@ import importlib
 
 _NAMES = {
     "DataError": ".errors", "LoaderConfig": ".loader", "StreamingLoader": ".loader", "num_sentinels": ".loader",
-    "Manifest": ".shards", "read_shard": ".shards", "ByteTokenizer": ".tokenizer",
+    "Manifest": ".shards", "read_shard": ".shards", "Mixture": ".sources", "Source": ".sources",
+    "ByteTokenizer": ".tokenizer",
     "load_tokenizer": ".tokenizer",
 }
 __all__ = list(_NAMES)

@@ -2,13 +2,14 @@
 
 The data is read by ``num_streams`` (V) *streams*, a number fixed by the config and independent of
 the data-parallel size. Stream ``s`` reads, in each epoch, the shards ``perm(seed, epoch)[s::V]``,
-documents in a (seed, epoch, shard) order, and packs them into rows on its own. Global batch ``k``
+each as a stream of documents in a seeded buffer-shuffled order (bounded memory; see sources.py),
+from one corpus or a weighted mixture of several, and packs them into rows on its own. Global batch ``k``
 is ``rows_per_stream = global_rows / V`` consecutive rows of every stream, in stream order. DP rank
 ``r`` of ``P`` owns the contiguous block of ``V / P`` streams starting at ``r V / P``, so its local
 batch is its slice of the global batch, and the concatenation over ranks is the global batch
-whatever ``P`` is. A stream's whole state is four integers (epoch, shard position, document
-position, offset in the document); saving those for every stream gives exact resume, at any DP
-size that divides V (elastic).
+whatever ``P`` is. A stream's whole state is a few integers (per source: epoch, shard position,
+document position, tokens drawn; and the offset in the head document); saving those for every
+stream gives exact resume, at any DP size that divides V (elastic).
 
 DataLoader workers split a rank's streams; each yields one bundle (its streams' rows for one batch
 and their states after them) per batch; the main process orders rows by stream, so batches do not
@@ -27,11 +28,12 @@ import torch
 from .errors import DataError
 from .packing import (StreamCursor, chunk_for_span_corruption, pack_stream, pad_rows, raw_length_for,
                       span_corruption, span_lengths)
-from .shards import Manifest, document_order, read_shard, stream_shards
+from .shards import Manifest
+from .sources import DEFAULT_SHUFFLE_BUFFER, Mixture, ReadReport, SourceReader, pick_source
 
 log = logging.getLogger("xft_dist.data")
 MODES = ("packed", "padded", "span")
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: one corpus, per-shard permutations (before bounded-memory reading)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class LoaderConfig:
     mode: str = "packed"             # packed (causal LM) | padded (one document per row) | span (T5)
     seed: int = 0
     shuffle: bool = True
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # documents held for the within-shard buffer shuffle
     num_workers: int = 0
     prefetch: int = 2
     skip_bad: bool = False           # skip (count, log) corrupt shards and bad documents instead of failing
@@ -53,14 +56,15 @@ class LoaderConfig:
     def from_config(cls, data, train) -> "LoaderConfig":
         """From a run config's ``data`` and ``train`` sections (``global_rows`` is the global batch)."""
         return cls(seq_len=data.seq_len, global_rows=train.global_batch, num_streams=data.num_streams,
-                   mode=data.mode, seed=train.seed, shuffle=data.shuffle, num_workers=data.num_workers,
+                   mode=data.mode, seed=train.seed, shuffle=data.shuffle, shuffle_buffer=data.shuffle_buffer,
+                   num_workers=data.num_workers,
                    skip_bad=data.skip_bad, enc_len=data.enc_len, noise_density=data.noise_density,
                    mean_span=data.mean_span)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise DataError(f"data.mode={self.mode!r}: expected one of {MODES}")
-        for key in ("seq_len", "global_rows", "num_streams"):
+        for key in ("seq_len", "global_rows", "num_streams", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise DataError(f"data.{key}={getattr(self, key)}: expected a positive integer")
         if self.global_rows % self.num_streams:
@@ -76,52 +80,49 @@ def num_sentinels(cfg: LoaderConfig) -> int:
     return span_lengths(raw, cfg.noise_density, cfg.mean_span)[1]
 
 
-def _initial_state() -> dict:
-    return {"epoch": 0, "shard_pos": 0, "doc_pos": 0, "offset": 0}
+def _initial_state(num_sources: int = 1) -> dict:
+    """A stream's state: per source ``[epoch, shard_pos, doc_pos, tokens drawn]`` as they were
+    before the document at the head of the stream was drawn, and ``offset`` into that document."""
+    return {"sources": [[0, 0, 0, 0] for _ in range(num_sources)], "offset": 0}
 
 
 class _Stream:
-    """One stream: its documents in order, turned into rows, with a four-integer state."""
+    """One stream: its documents in order (one source, or a weighted mixture), turned into rows."""
 
-    def __init__(self, sid: int, manifest: Manifest, cfg: LoaderConfig, vocab_size: int, state: dict):
-        self.sid, self.manifest, self.cfg, self.vocab_size = sid, manifest, cfg, vocab_size
-        tok = manifest.tokenizer
+    def __init__(self, sid: int, mixture: Mixture, cfg: LoaderConfig, vocab_size: int, state: dict):
+        self.sid, self.mixture, self.cfg, self.vocab_size = sid, mixture, cfg, vocab_size
+        tok = mixture.tokenizer
         self.eos, self.pad = tok["eos_id"], tok["pad_id"]
         self.start_id = tok.get("bos_id") if tok.get("bos_id") is not None else tok["eos_id"]
-        self.state = dict(state)
+        self.state = copy.deepcopy(state)
         self.events: list[str] = []
+        self._report = ReadReport()
         self._docs_iter = self._iter_docs()
-        self._buf: list[tuple[tuple[int, int, int], np.ndarray]] = []  # packed: docs from the cursor on
+        self._buf: list[tuple[list, np.ndarray]] = []  # packed: docs from the cursor on
         if cfg.mode == "span":
             self.raw_len = raw_length_for(cfg.enc_len, cfg.seq_len, cfg.noise_density, cfg.mean_span)
 
     def _iter_docs(self):
-        """(epoch, shard_pos, doc_pos), document ... from the state on, across shards and epochs."""
-        epoch, shard_pos, doc_pos = self.state["epoch"], self.state["shard_pos"], self.state["doc_pos"]
-        n = len(self.manifest.shards)
-        empty_epochs = 0
+        """(snapshot, document) from the state on: the snapshot (every source's position and token
+        count before this document was drawn) restarts the sequence at this document."""
+        cfg, weights = self.cfg, self.mixture.weights
+        positions = [list(p) for p in self.state["sources"]]
+        readers = [SourceReader(src.manifest, stream=self.sid, num_streams=cfg.num_streams, seed=cfg.seed, salt=i,
+                                shuffle=cfg.shuffle, buffer=cfg.shuffle_buffer, vocab_size=self.vocab_size,
+                                skip_bad=cfg.skip_bad, report=self._report, position=tuple(positions[i][:3]))
+                   for i, src in enumerate(self.mixture.sources)]
         while True:
-            order = stream_shards(n, self.cfg.num_streams, self.sid, seed=self.cfg.seed, epoch=epoch,
-                                  shuffle=self.cfg.shuffle)
-            produced = False
-            while shard_pos < len(order):
-                shard = order[shard_pos]
-                docs, report = read_shard(self.manifest.shards[shard], vocab_size=self.vocab_size,
-                                          skip_bad=self.cfg.skip_bad)
-                self.events.extend(report.messages)
-                perm = document_order(len(docs), seed=self.cfg.seed, epoch=epoch, shard=shard,
-                                      shuffle=self.cfg.shuffle)
-                for pos in range(doc_pos, len(docs)):
-                    produced = True
-                    yield (epoch, shard_pos, pos), docs[perm[pos]]
-                shard_pos, doc_pos = shard_pos + 1, 0
-            empty_epochs = 0 if produced else empty_epochs + 1
-            if empty_epochs >= 2:
-                raise DataError(f"stream {self.sid} found no readable documents in its shards")
-            epoch, shard_pos = epoch + 1, 0
+            snapshot = [list(p) for p in positions]
+            i = pick_source(weights, [p[3] for p in positions]) if len(readers) > 1 else 0
+            doc = readers[i].next().astype(np.int64)
+            positions[i][:3] = readers[i].position
+            positions[i][3] += len(doc)
+            self.events.extend(self._report.messages)
+            self._report.messages.clear()
+            yield snapshot, doc
 
-    def _set_state(self, loc, offset: int) -> None:
-        self.state = {"epoch": loc[0], "shard_pos": loc[1], "doc_pos": loc[2], "offset": offset}
+    def _set_state(self, snapshot, offset: int) -> None:
+        self.state = {"sources": snapshot, "offset": offset}
 
     def take(self, k: int) -> dict[str, np.ndarray]:
         rows = self._take_packed(k) if self.cfg.mode == "packed" else self._take_units(k)
@@ -148,7 +149,7 @@ class _Stream:
             return pad_rows(doc, self.cfg.seq_len, eos_id=self.eos, pad_id=self.pad)
         out = []
         for i, chunk in enumerate(chunk_for_span_corruption(doc, self.raw_len)):
-            rng = np.random.default_rng([self.cfg.seed, loc[0], loc[1], loc[2], i, self.sid])
+            rng = np.random.default_rng([self.cfg.seed, *(v for p in loc for v in p[:3]), i, self.sid])
             out.append(span_corruption(chunk, enc_len=self.cfg.enc_len, dec_len=self.cfg.seq_len,
                                        sentinel_start=self.vocab_size_tokenizer, eos_id=self.eos,
                                        pad_id=self.pad, start_id=self.start_id, rng=rng,
@@ -157,7 +158,7 @@ class _Stream:
 
     @property
     def vocab_size_tokenizer(self) -> int:
-        return self.manifest.tokenizer["vocab_size"]
+        return self.mixture.tokenizer["vocab_size"]
 
     def _take_units(self, k: int) -> list[dict]:
         rows = []
@@ -181,22 +182,22 @@ class _Stream:
 class _Source(torch.utils.data.IterableDataset):
     """Yields one bundle per batch: rows and post-batch states of this worker's streams."""
 
-    def __init__(self, manifest: Manifest, cfg: LoaderConfig, vocab_size: int, states: dict[int, dict],
+    def __init__(self, mixture: Mixture, cfg: LoaderConfig, vocab_size: int, states: dict[int, dict],
                  rows_per_stream: int):
         super().__init__()
-        self.manifest, self.cfg, self.vocab_size = manifest, cfg, vocab_size
+        self.mixture, self.cfg, self.vocab_size = mixture, cfg, vocab_size
         self.states, self.rows_per_stream = states, rows_per_stream
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         mine = sorted(self.states)[worker::workers]
-        streams = [_Stream(s, self.manifest, self.cfg, self.vocab_size, self.states[s]) for s in mine]
+        streams = [_Stream(s, self.mixture, self.cfg, self.vocab_size, self.states[s]) for s in mine]
         while True:
             bundle = {"rows": {}, "states": {}, "events": []}
             for st in streams:
                 bundle["rows"][st.sid] = st.take(self.rows_per_stream)
-                bundle["states"][st.sid] = dict(st.state)
+                bundle["states"][st.sid] = copy.deepcopy(st.state)
                 bundle["events"].extend(st.events)
                 st.events.clear()
             yield bundle
@@ -212,14 +213,18 @@ class StreamingLoader:
     Packed / padded: ``input_ids``, ``labels``, ``doc_ids``, ``positions`` (long), ``loss_mask``
     (float), ``mask`` (bool) ``[rows, seq_len]``. Span: ``src``, ``src_mask`` ``[rows, enc_len]``,
     ``tgt``, ``tgt_mask`` ``[rows, seq_len + 1]``. Every batch has ``stream [rows]``. Infinite:
-    epochs follow one another; ``state_dict()["streams"]`` shows each stream's epoch.
+    epochs follow one another; ``source_stats()`` gives each source's tokens and epoch.
 
     TP peers pass the same ``dp_rank`` and get identical batches.
     """
 
-    def __init__(self, manifest: str | Manifest, cfg: LoaderConfig, *, dp_rank: int = 0, dp_size: int = 1,
+    def __init__(self, manifest: str | Manifest | Mixture, cfg: LoaderConfig, *, dp_rank: int = 0, dp_size: int = 1,
                  vocab_size: int | None = None):
-        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+        if isinstance(manifest, Mixture):
+            self.mixture = manifest
+        else:
+            self.mixture = Mixture.single(manifest if isinstance(manifest, Manifest) else Manifest.load(manifest))
+        self.manifest = self.mixture.sources[0].manifest  # the tokenizer's identity (shared by every source)
         self.cfg = cfg
         tok_vocab = self.manifest.tokenizer["vocab_size"]
         if vocab_size is not None:
@@ -235,21 +240,19 @@ class StreamingLoader:
             raise DataError(f"dp_rank={dp_rank}, dp_size={dp_size}: expected 0 <= dp_rank < dp_size")
         if V % dp_size:
             raise DataError(f"data.num_streams={V} must be divisible by the data-parallel size {dp_size}")
-        if len(self.manifest.shards) < V:
-            raise DataError(f"{self.manifest.path}: {len(self.manifest.shards)} shards for "
-                            f"data.num_streams={V}: need at least one shard per stream (make more, smaller shards)")
+        self.mixture.check_streams(V)
         per_rank = V // dp_size
         self.streams = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.rows_per_stream = cfg.global_rows // V
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self._states = {s: _initial_state() for s in self.streams}
+        self._states = {s: _initial_state(len(self.mixture.sources)) for s in self.streams}
         self.batches = 0
         self.stats = {"skipped": 0}
 
     # ------------------------------------------------------------------------------ iteration
     def __iter__(self):
         workers = min(self.cfg.num_workers, len(self.streams))
-        source = _Source(self.manifest, self.cfg, self.vocab_size, copy.deepcopy(self._states),
+        source = _Source(self.mixture, self.cfg, self.vocab_size, copy.deepcopy(self._states),
                          self.rows_per_stream)
         if workers == 0:
             it = iter(source)
@@ -274,15 +277,24 @@ class StreamingLoader:
 
     # ---------------------------------------------------------------------------------- state
     def fingerprint(self) -> dict:
-        keys = ("seq_len", "global_rows", "num_streams", "mode", "seed", "shuffle", "enc_len",
+        keys = ("seq_len", "global_rows", "num_streams", "mode", "seed", "shuffle", "shuffle_buffer", "enc_len",
                 "noise_density", "mean_span")
         cfg = asdict(self.cfg)
-        return {"manifest": self.manifest.digest, **{k: cfg[k] for k in keys}}
+        return {"manifest": self.mixture.digest, **{k: cfg[k] for k in keys}}
+
+    def source_stats(self) -> dict[str, dict[str, int]]:
+        """Per source, over this rank's streams after the batches handed out: ``tokens`` drawn
+        (document tokens) and ``epoch`` (the furthest any stream has got)."""
+        out = {}
+        for i, src in enumerate(self.mixture.sources):
+            pos = [st["sources"][i] for st in self._states.values()]
+            out[src.name] = {"tokens": sum(p[3] for p in pos), "epoch": max(p[0] for p in pos)}
+        return out
 
     def state_dict(self) -> dict:
         """This rank's streams after the batches handed out so far (plain ints: JSON-safe)."""
         return {"format": STATE_FORMAT, "fingerprint": self.fingerprint(), "batches": self.batches,
-                "streams": {str(s): dict(v) for s, v in self._states.items()}}
+                "streams": {str(s): copy.deepcopy(v) for s, v in self._states.items()}}
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
@@ -298,7 +310,9 @@ class StreamingLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise DataError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
+            raise DataError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT} (format 1 was "
+                            "written before shards were read in bounded memory; its document order cannot be "
+                            "continued exactly: start the data from the beginning or resume with that version)")
         mine = self.fingerprint()
         for key, value in mine.items():
             if state["fingerprint"].get(key) != value:
@@ -308,5 +322,5 @@ class StreamingLoader:
         if missing:
             raise DataError(f"loader state lacks streams {missing}: merge every DP rank's state "
                             "(StreamingLoader.merge_states) before resuming at another DP size")
-        self._states = {s: dict(state["streams"][str(s)]) for s in self.streams}
+        self._states = {s: copy.deepcopy(state["streams"][str(s)]) for s in self.streams}
         self.batches = state["batches"]

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,69 +91,14 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-@dataclass
-class ShardReport:
-    """What reading one shard skipped (only when skipping is allowed)."""
-    skipped_docs: int = 0
-    skipped_shard: bool = False
-    messages: list[str] = field(default_factory=list)
+def read_shard(info: ShardInfo, *, vocab_size: int, skip_bad: bool = False) -> tuple[list[np.ndarray], list[str]]:
+    """All documents of one shard, validated (int64), and what was skipped (``skip_bad``); see
+    ``sources.iter_shard``, which streams them instead."""
+    from .sources import ReadReport, iter_shard
 
-
-def read_shard(info: ShardInfo, *, vocab_size: int, skip_bad: bool = False) -> tuple[list[np.ndarray], ShardReport]:
-    """All documents of one shard, validated. Bad data raises ``DataError`` naming the shard and
-    the position, or (``skip_bad``) is skipped, counted and logged."""
-    import webdataset as wds
-
-    report = ShardReport()
-
-    def bad(msg: str, whole_shard: bool) -> None:
-        full = f"shard {info.url}: {msg}"
-        if not skip_bad:
-            raise DataError(full)
-        report.messages.append(full)
-        if whole_shard:
-            report.skipped_shard = True
-        else:
-            report.skipped_docs += 1
-
-    everything = lambda src: src  # noqa: E731 - shard and worker assignment is ours, not webdataset's
-    docs: list[np.ndarray] = []
-    count = 0
-    try:
-        ds = wds.WebDataset([info.url], shardshuffle=False, nodesplitter=everything,
-                            workersplitter=everything, empty_check=False)
-        for sample in ds:
-            key = sample.get("__key__", "?")
-            payload = sample.get("tokens.npy")
-            count += 1
-            if payload is None:
-                bad(f"sample {count - 1} (key {key}) has no tokens.npy", False)
-                continue
-            arr = np.load(io.BytesIO(payload), allow_pickle=False)
-            if arr.ndim != 1 or arr.dtype.kind not in "iu":
-                bad(f"sample {count - 1} (key {key}): expected a 1-D integer array, got {arr.dtype} {arr.shape}", False)
-                continue
-            if len(arr) == 0:
-                bad(f"sample {count - 1} (key {key}) is a zero-length document", False)
-                continue
-            top = int(arr.max())
-            if top >= vocab_size:
-                bad(f"sample {count - 1} (key {key}): token id {top} at position {int(arr.argmax())} "
-                    f">= vocab_size {vocab_size}", False)
-                continue
-            docs.append(arr.astype(np.int64))
-    except DataError:
-        raise
-    except Exception as e:  # tarfile / webdataset errors: corrupt or truncated archive
-        bad(f"corrupt or truncated tar after {count} samples ({type(e).__name__}: {e})", True)
-        return [], report
-    if count == 0:
-        bad("empty shard (no samples)", True)
-        return [], report
-    if count != info.documents:
-        bad(f"holds {count} samples but the manifest says {info.documents} (truncated or replaced?)", True)
-        return [], report
-    return docs, report
+    report = ReadReport()
+    docs = [d.astype(np.int64) for d in iter_shard(info, vocab_size=vocab_size, skip_bad=skip_bad, report=report)]
+    return docs, report.messages
 
 
 def stream_shards(num_shards: int, num_streams: int, stream: int, *, seed: int, epoch: int,
@@ -164,11 +109,6 @@ def stream_shards(num_shards: int, num_streams: int, stream: int, *, seed: int, 
     """
     order = np.random.default_rng([seed, epoch]).permutation(num_shards) if shuffle else np.arange(num_shards)
     return [int(i) for i in order[stream::num_streams]]
-
-
-def document_order(num_docs: int, *, seed: int, epoch: int, shard: int, shuffle: bool) -> np.ndarray:
-    return (np.random.default_rng([seed, epoch, shard, 1]).permutation(num_docs) if shuffle
-            else np.arange(num_docs))
 
 
 class ShardWriter:

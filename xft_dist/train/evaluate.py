@@ -34,7 +34,7 @@ def valid_manifest(cfg: Config, train: Manifest | None = None, shards: str | Non
     if train is not None and not same_tokenizer(train.tokenizer, manifest.tokenizer):
         a, b = train.tokenizer, manifest.tokenizer
         raise ConfigError(f"data.valid.shards={path!r} was made with tokenizer {b.get('kind')}:{b.get('name')} "
-                          f"(vocab {b.get('vocab_size')}), data.shards={cfg.data.shards!r} with "
+                          f"(vocab {b.get('vocab_size')}), data.shards={cfg.data.primary_shards!r} with "
                           f"{a.get('kind')}:{a.get('name')} (vocab {a.get('vocab_size')}): they must match")
     return manifest
 

@@ -22,7 +22,7 @@ from ..data import DataError, StreamingLoader
 from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
-from ..parallel import all_gather_object, barrier, capture_rng_state, rng_state_to_tensors
+from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_values, rng_state_to_tensors
 from ..runtime import DistEnv, LaunchError, write_status
 from ..runtime.faults import explain, is_comm_error
 from .setup import Run, build_run, layout
@@ -79,6 +79,18 @@ def _meter(r: Run) -> StepMeter:
                      peak_flops_total=peak * r.groups.world_size if peak else None)
 
 
+def _data_metrics(r: Run) -> dict:
+    """``data/<source>/tokens`` (document tokens drawn, all DP ranks) and ``data/<source>/epoch``."""
+    stats = r.loader.source_stats()
+    names = list(stats)
+    tokens = reduce_values([stats[n]["tokens"] for n in names], r.groups.dp_group, op="sum")
+    epochs = reduce_values([stats[n]["epoch"] for n in names], r.groups.dp_group, op="max")
+    out = {}
+    for n, t, e in zip(names, tokens, epochs):
+        out[f"data/{n}/tokens"], out[f"data/{n}/epoch"] = int(t), int(e)
+    return out
+
+
 def _progress(r: Run):
     if not (r.rank0 and r.cfg.logging.progress_bar):
         return None
@@ -103,6 +115,8 @@ def train(r: Run, *, stop=None) -> dict:
                    **meter.finish(tokens=result.tokens, real_tokens=result.real_tokens,
                                   loss_tokens=result.loss_tokens)}
         history.append(result.loss)
+        if step % cfg.logging.every == 0 or step == 1 or step == cfg.train.steps:  # the same steps on every rank
+            metrics.update(_data_metrics(r))
         r.sinks.log(step, metrics)
         if bar is not None:
             bar.update()

@@ -25,7 +25,7 @@ import torch
 
 from ..ckpt import CheckpointManager
 from ..config import Config, ConfigError, batch_split, check_precision, dump_config
-from ..data import DataError, LoaderConfig, Manifest, StreamingLoader, num_sentinels
+from ..data import DataError, LoaderConfig, Manifest, Mixture, Source, StreamingLoader, num_sentinels
 from ..models.factory import build_model
 from ..obs import MetricSinks
 from ..parallel import ParallelGroups, RNGStreams, barrier, restore_rng_state, rng_state_from_tensors, seed_all
@@ -44,7 +44,7 @@ class VocabFacts:
     num_sentinels: int
 
 
-def vocab_facts(cfg: Config, manifest: Manifest) -> VocabFacts:
+def vocab_facts(cfg: Config, manifest: Manifest | Mixture) -> VocabFacts:
     tok = manifest.tokenizer
     sentinels = num_sentinels(LoaderConfig.from_config(cfg.data, cfg.train))
     num_tokens = cfg.model.num_tokens or tok["vocab_size"] + sentinels
@@ -52,7 +52,7 @@ def vocab_facts(cfg: Config, manifest: Manifest) -> VocabFacts:
                       num_sentinels=sentinels)
 
 
-def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Manifest]:
+def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Mixture]:
     """(data-parallel size, manifest), or a ``ConfigError`` naming the key."""
     tp = cfg.parallel.tp
     if env.world_size % tp:
@@ -67,12 +67,9 @@ def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Manifest
     if cfg.train.global_batch % cfg.data.num_streams:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch} must be a multiple of "
                           f"data.num_streams={cfg.data.num_streams}")
-    try:
-        manifest = Manifest.load(cfg.data.shards)
-    except DataError as e:
-        raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from None
+    manifest = data_mixture(cfg)
     if cfg.model.num_tokens is not None:
-        manifest.check_vocab(cfg.model.num_tokens)
+        manifest.sources[0].manifest.check_vocab(cfg.model.num_tokens)
     from .evaluate import valid_manifest
 
     valid_manifest(cfg, manifest)  # present, and made with the training shards' tokenizer
@@ -149,6 +146,24 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     return run
 
 
+def data_mixture(cfg: Config) -> Mixture:
+    """The training corpora: ``data.shards`` (one source) or the weighted ``data.sources``."""
+    if cfg.data.shards is not None:
+        specs = [("data.shards", "main", cfg.data.shards, 1.0)]
+    else:
+        specs = [(f"data.sources[{i}].shards", s.label, s.shards, s.weight) for i, s in enumerate(cfg.data.sources)]
+    sources = []
+    for key, name, path, weight in specs:
+        try:
+            sources.append(Source(name, Manifest.load(path), weight))
+        except DataError as e:
+            raise ConfigError(f"{key}={path!r}: {e}") from None
+    try:
+        return Mixture(sources)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def layout(cfg: Config, groups: ParallelGroups) -> dict:
     """What a checkpoint's shards depend on: TP and DP sizes and the ZeRO stage."""
     return {"tp": groups.tp_size, "dp": groups.dp_size, "zero_stage": cfg.parallel.zero_stage}
@@ -192,7 +207,7 @@ def _pick_resume(cfg: Config, groups: ParallelGroups) -> tuple[Path, bool] | Non
     return latest, True
 
 
-def _attach_training(run: Run, manifest: Manifest, resume: tuple[Path, bool] | None) -> None:
+def _attach_training(run: Run, manifest: Mixture, resume: tuple[Path, bool] | None) -> None:
     """Loader, run directory, checkpoints (resumed if any) and metric sinks."""
     cfg, groups = run.cfg, run.groups
     run.loader = StreamingLoader(manifest, LoaderConfig.from_config(cfg.data, cfg.train), dp_rank=groups.dp_rank,
