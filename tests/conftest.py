@@ -9,6 +9,7 @@ A fast loop: ``make test PYTEST_ARGS="-m 'not slow'"``. Shared helpers live in `
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ SHM = Path("/dev/shm")
 DS_SHM_BUFFER = "deepspeed_allreduce_buffer_*"
 
 
+def _mtime(f: Path) -> float:
+    try:
+        return f.stat().st_mtime
+    except OSError:  # removed meanwhile
+        return float("inf")
+
+
 def _mapped_shm_buffers() -> set[str]:
     """Names of DeepSpeed CPU all-reduce buffers some live process still maps."""
     live = set()
@@ -44,11 +52,14 @@ def _mapped_shm_buffers() -> set[str]:
 @pytest.fixture(autouse=True)
 def _release_deepspeed_shm_buffers():
     """DeepSpeed's CPU communication op leaves a 66 MB buffer per rank in /dev/shm when its processes
-    exit; a suite of many launches would fill the tmpfs (and memory). Remove the unmapped ones."""
+    exit; a suite of many launches would fill the tmpfs (and memory). Remove the unmapped ones that
+    are a few minutes old: a rank that has just created its buffer maps it a moment later (a younger
+    one may belong to a launch of another test session running beside this one)."""
     yield
     if not SHM.is_dir():
         return
-    stale = list(SHM.glob(DS_SHM_BUFFER))
+    now = time.time()
+    stale = [f for f in SHM.glob(DS_SHM_BUFFER) if now - _mtime(f) > 300]
     if stale:
         live = _mapped_shm_buffers()
         for f in stale:

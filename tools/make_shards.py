@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Text files, directories and JSONL -> tokenized webdataset shards plus a manifest.
+"""Text files, directories, JSONL (plain, gzip, zstandard) and Parquet -> tokenized webdataset shards
+plus a manifest.
 
     python tools/make_shards.py corpus/ more.jsonl --out data/shards                   # byte tokenizer
     python tools/make_shards.py docs/ --include '*.py' --tokenizer tokenizer.json --out data/py
-    python tools/make_shards.py big.jsonl --jsonl-key body --tokenizer spm.model --out data/spm
+    python tools/make_shards.py big.jsonl.zst crawl.jsonl.gz --jsonl-key body --tokenizer spm.model --out data/spm
+    python tools/make_shards.py part-*.parquet --parquet-column content --out data/pq
 
-A text file is one document; a ``.jsonl`` file holds one document per line (``--jsonl-key``, default
-``text``); a directory is searched recursively (``--include`` globs, all files by default).
-Tokenizes on every core (``--workers``), shows progress, writes ``shard-NNNNNN.tar`` files of about
+A text file is one document; a ``.jsonl`` / ``.ndjson`` file (also ``.jsonl.gz``, ``.jsonl.zst``)
+holds one document per line (``--jsonl-key``, default ``text``); a ``.parquet`` file one document
+per row of ``--parquet-column`` (default ``text``); a directory is searched recursively
+(``--include`` globs, all files by default). Inputs are streamed (no file is loaded whole, except a
+text file, which is one document) and progress is shown in input bytes.
+Tokenizes on every core (``--workers``), writes ``shard-NNNNNN.tar`` files of about
 ``--shard-tokens`` tokens and ``manifest.json`` last. Undecodable text or bad JSON stops with the
 file and position, unless ``--skip-bad`` (then skipped, counted and reported). Empty documents are
 skipped and counted. An output directory made with another tokenizer is refused; ``--append`` adds
@@ -23,7 +28,6 @@ import array
 import contextlib
 import fnmatch
 import hashlib
-import json
 import multiprocessing as mp
 import sys
 from pathlib import Path
@@ -31,18 +35,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from xft_dist.data.errors import DataError
+from xft_dist.data.inputs import documents
 from xft_dist.data.shards import MANIFEST, Manifest, ShardWriter
 from xft_dist.data.tokenizer import load_tokenizer, same_tokenizer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="text files, .jsonl files or directories")
+    p.add_argument("inputs", nargs="+", help="text, .jsonl[.gz|.zst] or .parquet files, or directories")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
     p.add_argument("--tokenizer", default="byte", help="'byte', a tokenizer.json or a sentencepiece .model")
     p.add_argument("--eos-token", help="HF tokenizer: the EOS token's text (default: common names)")
     p.add_argument("--pad-token", help="HF tokenizer: the pad token's text (default: common names, else EOS)")
     p.add_argument("--jsonl-key", default="text")
+    p.add_argument("--parquet-column", default="text", help="the text column of .parquet inputs")
     p.add_argument("--include", action="append", default=[], help="glob for files inside directories (repeatable)")
     p.add_argument("--shard-tokens", type=int, default=1 << 20)
     p.add_argument("--workers", type=int, default=mp.cpu_count())
@@ -77,34 +83,6 @@ def _bad(msg: str, hint: str, skip_bad: bool, counts: dict) -> None:
         raise DataError(f"{msg}; {hint}")
     counts["bad"] += 1
     counts["bad_examples"].append(msg)
-
-
-def documents(files: list[Path], jsonl_key: str, skip_bad: bool, counts: dict):
-    """(source, text) per document, in a deterministic order."""
-    for f in files:
-        data = f.read_bytes()
-        if f.suffix in (".jsonl", ".ndjson"):
-            for lineno, line in enumerate(data.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record[jsonl_key]
-                    if not isinstance(text, str):
-                        raise TypeError(f"{jsonl_key!r} is {type(text).__name__}, expected a string")
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                    _bad(f"{f}:{lineno}: bad JSONL record ({type(e).__name__}: {e})",
-                         "pass --skip-bad to skip such lines", skip_bad, counts)
-                    continue
-                yield f"{f}:{lineno}", text
-        else:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _bad(f"{f}: not UTF-8 text at byte {e.start} ({e.reason})",
-                     "pass --skip-bad to skip such files or --include to select files", skip_bad, counts)
-                continue
-            yield str(f), text
 
 
 def prepare_output(out: Path, identity: dict, a) -> tuple[list, int]:
@@ -161,14 +139,16 @@ def main(argv=None) -> int:
         valid_existing, valid_start = prepare_output(valid_dir, identity, a) if a.valid_fraction else ([], 0)
         files = discover(a.inputs, a.include)
         counts = {"bad": 0, "bad_examples": [], "empty": 0}
-        docs = documents(files, a.jsonl_key, a.skip_bad, counts)
+        progress = tqdm(desc="input", unit="B", unit_scale=True, unit_divisor=1024, disable=a.quiet, file=sys.stderr,
+                        total=sum(f.stat().st_size for f in files))
+        docs = documents(files, jsonl_key=a.jsonl_key, parquet_column=a.parquet_column,
+                         bad=lambda msg, hint: _bad(msg, hint, a.skip_bad, counts), on_bytes=progress.update)
         kwargs = hf_kwargs if a.tokenizer.endswith(".json") else {}
         valid_writer = (ShardWriter(valid_dir, identity, shard_tokens=a.shard_tokens, start_index=valid_start,
                                     existing=valid_existing) if a.valid_fraction else contextlib.nullcontext())
         counts["valid"] = 0
         with ShardWriter(out, identity, shard_tokens=a.shard_tokens, start_index=start, existing=existing) as writer, \
                 valid_writer as vwriter:
-            progress = tqdm(desc="documents", unit=" docs", disable=a.quiet, file=sys.stderr)
             if a.workers > 1:
                 pool = mp.get_context("spawn").Pool(a.workers, _init_worker, (a.tokenizer, kwargs))
                 encoded = pool.imap(_encode, docs, chunksize=8)
@@ -176,8 +156,9 @@ def main(argv=None) -> int:
                 _init_worker(a.tokenizer, kwargs)
                 pool, encoded = None, map(_encode, docs)
             try:
-                for ids in encoded:
-                    progress.update()
+                for n, ids in enumerate(encoded, 1):
+                    if n % 1000 == 0:
+                        progress.set_postfix(docs=n, refresh=False)
                     if not ids:
                         counts["empty"] += 1
                         continue

@@ -154,3 +154,64 @@ def test_a_validation_set_of_another_tokenizer_is_refused(tmp_path):
     cfg = validate({"data": {"shards": str(tmp_path / "train"), "valid": {"shards": str(tmp_path / "none")}}})
     with pytest.raises(ConfigError, match="data.valid.shards="):
         valid_manifest(cfg, Manifest.load(tmp_path / "train"))
+
+
+# ------------------------------------------------------------------------- compressed and columnar inputs
+
+def _records(n=40):
+    return [{"text": f"document {i}: " + "lorem ipsum " * (1 + i % 7), "id": i} for i in range(n)]
+
+
+def _jsonl_bytes(records):
+    return ("\n".join(json.dumps(r) for r in records) + "\n").encode()
+
+
+def test_gzip_zstandard_and_parquet_inputs_give_the_documents_of_plain_jsonl(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    recs = _records()
+    (tmp_path / "plain.jsonl").write_bytes(_jsonl_bytes(recs))
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes(recs)))
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl_bytes(recs)))
+    pq.write_table(pa.table({"id": [r["id"] for r in recs], "body": [r["text"] for r in recs]}),
+                   tmp_path / "a.parquet", row_group_size=16)
+    outs = {}
+    for name, extra in (("plain.jsonl", ()), ("a.jsonl.gz", ()), ("a.jsonl.zst", ()),
+                        ("a.parquet", ("--parquet-column", "body"))):
+        out = tmp_path / f"out-{name}"
+        res = run(tmp_path / name, "--out", out, "--shard-tokens", 300, *extra)
+        assert res.returncode == 0, (name, res.stderr)
+        outs[name] = [ByteTokenizer().decode(d) for d in _all_docs(out)[1]]
+    assert outs["plain.jsonl"] == [r["text"] for r in recs]
+    assert all(docs == outs["plain.jsonl"] for docs in outs.values())
+    res = run(tmp_path / "a.parquet", "--out", tmp_path / "x")  # default column "text" is not there
+    assert res.returncode == 2 and "no column 'text'" in res.stderr and "--parquet-column" in res.stderr
+
+
+def test_inputs_are_streamed_and_counted_in_bytes(tmp_path):
+    import gzip
+
+    from xft_dist.data.inputs import documents
+
+    big = tmp_path / "big.jsonl.gz"
+    with gzip.open(big, "wb", compresslevel=1) as f:
+        for i in range(200):
+            f.write(_jsonl_bytes([{"text": np.random.default_rng(i).bytes(15000).hex()}]))  # incompressible: ~6 MB
+    seen = []
+    docs = documents([big], bad=None, on_bytes=seen.append)
+    next(docs)
+    assert 0 < sum(seen) < big.stat().st_size / 2  # the first document after one 1 MiB read, not the file
+    assert sum(1 for _ in docs) == 199 and sum(seen) == big.stat().st_size
+
+
+def test_a_damaged_compressed_input_is_named(tmp_path):
+    import gzip
+
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(_jsonl_bytes(_records()))[:-30])
+    res = run(bad, "--out", tmp_path / "out")
+    assert res.returncode == 2 and "bad.jsonl.gz: cannot decompress" in res.stderr, res.stderr
