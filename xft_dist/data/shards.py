@@ -9,7 +9,6 @@ the tokenizer's identity and vocabulary size.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -41,27 +40,51 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
+        """A manifest from a directory (or the file itself), or from an ``http(s)://`` URL of one (its
+        ``manifest.json``); shard URLs relative to the manifest are resolved against it."""
+        if isinstance(path, str) and path.startswith(("http://", "https://")):
+            return cls._load_url(path)
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST
         try:
             raw = path.read_bytes()
-            data = json.loads(raw)
         except FileNotFoundError:
             raise DataError(f"{path}: no shard manifest (build shards with tools/make_shards.py)") from None
+        return cls._parse(raw, path, lambda url: str(path.parent / url))
+
+    @classmethod
+    def _load_url(cls, url: str) -> "Manifest":
+        import urllib.error
+        import urllib.request
+
+        if not url.endswith(".json"):
+            url = url.rstrip("/") + "/" + MANIFEST
+        try:
+            with urllib.request.urlopen(url, timeout=60) as f:
+                raw = f.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise DataError(f"{url}: cannot fetch the shard manifest ({e})") from None
+        base = url.rsplit("/", 1)[0]
+        return cls._parse(raw, Path(url.split("://", 1)[1]), lambda rel: f"{base}/{rel}", origin=url)
+
+    @classmethod
+    def _parse(cls, raw: bytes, path: Path, resolve, origin: str | None = None) -> "Manifest":
+        where = origin or str(path)
+        try:
+            data = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+            raise DataError(f"{where}: not valid JSON ({e})") from None
         if data.get("format") != FORMAT:
-            raise DataError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
-        base = path.parent
+            raise DataError(f"{where}: format {data.get('format')!r}, expected {FORMAT!r}")
         shards = []
-        for i, s in enumerate(data.get("shards", [])):
+        for s in data.get("shards", []):
             url = s["url"]
             if "://" not in url and not url.startswith("pipe:") and not os.path.isabs(url):
-                url = str(base / url)
+                url = resolve(url)
             shards.append(ShardInfo(url=url, documents=int(s["documents"]), tokens=int(s["tokens"])))
         if not shards:
-            raise DataError(f"{path}: the manifest lists no shards")
+            raise DataError(f"{where}: the manifest lists no shards")
         return cls(path=path, shards=shards, tokenizer=data["tokenizer"], documents=data["documents"],
                    tokens=data["tokens"], digest=hashlib.sha256(raw).hexdigest()[:16])
 
