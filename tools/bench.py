@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--shards", help="data mode: a shard directory (default: a synthetic corpus in a temp dir)")
     p.add_argument("--workers", type=int, default=1, help="data mode: DataLoader workers of the packed loader")
     p.add_argument("--data-tokens", type=int, default=4_000_000, help="data mode: tokens to read per side")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--corpus-docs", type=int, default=24000, help="data mode: documents of the synthetic corpus")
+    p.add_argument("--shard-mib", type=int, default=1024, help="data mode: shard size for the memory check (0: skip)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -160,67 +163,156 @@ def peak_flops(hardware: str, a) -> float:
     return 0.0
 
 
-def bench_data(a) -> int:
-    """Tokens/s of a raw webdataset pass over the shards vs the packed, stateful loader."""
-    import tempfile
-
+def _synthetic_shards(out, *, docs: int, shard_tokens: int, lo: int = 64, hi: int = 2048, seed: int = 0,
+                      ids=(3, 259)):
     import numpy as np
-    import webdataset as wds
 
-    from xft_dist.data import LoaderConfig, Manifest, StreamingLoader
     from xft_dist.data.shards import ShardWriter
     from xft_dist.data.tokenizer import ByteTokenizer
 
-    tmp = None
+    rng = np.random.default_rng(seed)
+    with ShardWriter(out, ByteTokenizer().identity(), shard_tokens=shard_tokens) as w:
+        for _ in range(docs):
+            w.write(rng.integers(*ids, size=int(rng.integers(lo, hi + 1))))
+
+
+def _minimal_packer(urls, seq: int, rows: int, eos: int, total: int, clock: dict) -> int:
+    """The least work any packer does: decode, append EOS, concatenate, cut rows, shift labels. It
+    decodes with the loader's own ``decode_tokens`` (faster than ``np.load``), so the ratio measures
+    what packing and bookkeeping cost, not the decoder."""
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from xft_dist.data.sources import decode_tokens
+
+    n, buf, have = 0, [], 0
+    while n < total:
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x, workersplitter=lambda x: x,
+                            empty_check=False)
+        for sample in ds:
+            doc = decode_tokens(sample["tokens.npy"])
+            buf += [doc.astype(np.int64), np.array([eos], dtype=np.int64)]
+            have += len(doc) + 1
+            need = rows * seq + 1
+            if have >= need:
+                stream = np.concatenate(buf)
+                cut = stream[:need]
+                inputs = torch.from_numpy(cut[:-1].reshape(rows, seq).copy())
+                labels = torch.from_numpy(cut[1:].reshape(rows, seq).copy())
+                if "t0" not in clock:  # the first batch is not timed (as for the loader)
+                    clock["t0"] = time.perf_counter()
+                else:
+                    n += inputs.numel() + 0 * labels.numel()
+                buf, have = [stream[need - 1:]], len(stream) - need + 1
+                if n >= total:
+                    break
+    return n
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _memory_child(shards: str, seq: int, streams: int, batches: int) -> None:
+    """Child process: RSS before and after reading ``batches`` from ``streams`` streams (JSON on stdout)."""
+    from xft_dist.data import LoaderConfig, Manifest, StreamingLoader
+
+    m = Manifest.load(shards)
+    before = _rss_mib()
+    it = iter(StreamingLoader(m, LoaderConfig(seq_len=seq, global_rows=streams, num_streams=streams)))
+    next(it)
+    first = peak = _rss_mib()
+    for _ in range(batches):
+        next(it)
+        peak = max(peak, _rss_mib())
+    print(json.dumps({"before_mib": before, "first_mib": first, "peak_mib": peak}))
+
+
+def bench_data(a) -> int:
+    """Packed loader vs a minimal packer on the same shards (one process, and with workers); loader
+    memory with 4 streams over large shards; token shares of a 3-source mixture."""
+    import tempfile
+
+    from xft_dist.data import LoaderConfig, Manifest, Mixture, Source, StreamingLoader
+
+    tmp = tempfile.TemporaryDirectory()
     if a.shards is None:
-        tmp = tempfile.TemporaryDirectory()
-        rng = np.random.default_rng(0)
-        with ShardWriter(tmp.name, ByteTokenizer().identity(), shard_tokens=1 << 19) as w:
-            for _ in range(4000):
-                w.write(rng.integers(3, 259, size=int(rng.integers(64, 2048))))
-        a.shards = tmp.name
+        _synthetic_shards(f"{tmp.name}/docs", docs=a.corpus_docs, shard_tokens=1 << 20)  # 24000: 25 shards
+        a.shards = f"{tmp.name}/docs"
     m = Manifest.load(a.shards)
     urls = [s.url for s in m.shards]
+    eos = m.tokenizer["eos_id"]
+    print(f"# {date.today()}  data: {len(urls)} shards, {m.tokens:,} tokens, documents of 64-2048 tokens; "
+          f"seq {a.seq}, {a.data_tokens:,} tokens per measurement")
 
-    def raw_pass():
-        n = 0
-        while n < a.data_tokens:
-            ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x,
-                                workersplitter=lambda x: x, empty_check=False).decode()
-            for sample in ds:
-                n += len(sample["tokens.npy"])
-                if n >= a.data_tokens:
-                    break
-        return n
+    def rate(fn):
+        """Tokens/s after the first batch (a loader's first batch waits for its streams' shuffle buffers
+        to fill: a start-up cost, not a rate)."""
+        clock = {}
+        n = fn(clock)
+        return n / (time.perf_counter() - clock["t0"])
 
-    streams = max(1, min(8, len(urls)))
-    cfg = LoaderConfig(seq_len=a.seq, global_rows=a.batch * streams, num_streams=streams,
-                       num_workers=a.workers)
+    def packed(workers):
+        streams = min(8, len(urls))
+        cfg = LoaderConfig(seq_len=a.seq, global_rows=a.batch * streams, num_streams=streams, num_workers=workers)
 
-    def packed_pass():
-        n, it = 0, iter(StreamingLoader(m, cfg))
-        while n < a.data_tokens:
-            n += next(it)["input_ids"].numel()
-        return n
+        def run(clock):
+            it = iter(StreamingLoader(m, cfg))
+            next(it)
+            clock["t0"], n = time.perf_counter(), 0
+            while n < a.data_tokens:
+                n += next(it)["input_ids"].numel()
+            return n
+        return run
 
-    rows = []
-    for name, fn in (("webdataset raw", raw_pass), ("xft packed", packed_pass)):
-        t0 = time.perf_counter()
-        n = fn()
-        rows.append((name, n / (time.perf_counter() - t0)))
-    print(f"# {date.today()}  data: {len(urls)} shards, {m.tokens} tokens; packed loader seq={a.seq} "
-          f"rows/step={cfg.global_rows} workers={a.workers}")
-    print(f"{'':16}{'tokens/s':>14}")
-    for name, rate in rows:
-        print(f"{name:16}{rate:>14,.0f}")
-    print(f"{'packed / raw':16}{rows[1][1] / rows[0][1]:>14.2f}")
-    if tmp is not None:
-        tmp.cleanup()
+    minimal = rate(lambda clock: _minimal_packer(urls, a.seq, a.batch * 8, eos, a.data_tokens, clock))
+    rows = [("minimal packer", minimal)]
+    for w in sorted({0, a.workers}):
+        rows.append((f"packed, {w} workers", rate(packed(w))))
+    print(f"{'':24}{'tokens/s':>14}{'vs minimal':>12}")
+    for name, r in rows:
+        print(f"{name:24}{r:>14,.0f}{r / minimal:>12.2f}")
+
+    if a.shard_mib:
+        big = f"{tmp.name}/big"
+        docs = a.shard_mib * (1 << 20) // (2 * 1056)  # uint16 tokens, ~1056 per document
+        _synthetic_shards(big, docs=4 * docs, shard_tokens=docs * 1056)
+        mb = Manifest.load(big)
+        child = subprocess.run([sys.executable, __file__, "--memory-child", big, "--seq", str(a.seq)],
+                               capture_output=True, text=True, check=True)
+        mem = json.loads(child.stdout.strip().splitlines()[-1])
+        size = mb.tokens * 2 / len(mb.shards) / 2**20
+        print(f"\nloader memory: 4 streams over {len(mb.shards)} shards of ~{size:,.0f} MiB: RSS "
+              f"{mem['before_mib']:,.0f} MiB before the loader, {mem['first_mib']:,.0f} MiB after its first batch, "
+              f"peak {mem['peak_mib']:,.0f} MiB over 200 more: growth {mem['peak_mib'] - mem['before_mib']:,.0f} MiB")
+
+    names, weights = ("web", "code", "books"), (0.5, 0.3, 0.2)
+    ranges = {"web": (3, 100), "code": (100, 180), "books": (180, 259)}
+    lengths = {"web": (64, 512), "code": (256, 2048), "books": (1024, 2048)}
+    for i, n in enumerate(names):
+        _synthetic_shards(f"{tmp.name}/{n}", docs=1500, shard_tokens=1 << 15, lo=lengths[n][0], hi=lengths[n][1],
+                          seed=i + 1, ids=ranges[n])
+    mix = Mixture([Source(n, Manifest.load(f"{tmp.name}/{n}"), w) for n, w in zip(names, weights)])
+    counts = dict.fromkeys(names, 0)
+    it = iter(StreamingLoader(mix, LoaderConfig(seq_len=a.seq, global_rows=64, num_streams=8)))
+    for _ in range(20_000 // 64 + 1):
+        ids = next(it)["input_ids"].numpy()
+        for n, (lo, hi) in ranges.items():
+            counts[n] += int(((ids >= lo) & (ids < hi)).sum())
+    total = sum(counts.values())
+    shares = ", ".join(f"{n} {counts[n] / total:.4f} (weight {w})" for n, w in zip(names, weights))
+    print(f"\nmixture over {(20_000 // 64 + 1) * 64:,} rows of {a.seq}: token shares {shares}")
+    tmp.cleanup()
     return 0
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.memory_child:
+        _memory_child(a.memory_child, a.seq, 4, 200)
+        return 0
     if a.mode == "data":
         return bench_data(a)
     if a.mode in ("loss", "attention"):

@@ -22,12 +22,15 @@ def test_bench_prints_side_by_side_ratio():
     assert float(ratio[3]) > 0, out.stdout
 
 
-def test_bench_data_mode_prints_loader_vs_raw_ratio():
+def test_bench_data_mode_prints_loader_vs_minimal_packer_memory_and_mixture_shares():
     out = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--mode", "data", "--seq", "64",
-                          "--batch", "2", "--data-tokens", "20000", "--workers", "0"],
-                         capture_output=True, text=True, timeout=300)
+                          "--batch", "2", "--data-tokens", "20000", "--workers", "0", "--corpus-docs", "3000",
+                          "--shard-mib", "4"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "webdataset raw" in out.stdout and "packed / raw" in out.stdout, out.stdout
+    assert "minimal packer" in out.stdout and "packed, 0 workers" in out.stdout, out.stdout
+    assert "loader memory: 4 streams over" in out.stdout and "growth" in out.stdout, out.stdout
+    shares = out.stdout.split("token shares ")[1]
+    assert "web 0.4" in shares and "code 0.3" in shares and "books 0.2" in shares, out.stdout
 
 
 def test_bench_converge_mode_trains_both_on_the_same_batches_and_prints_the_ratio():

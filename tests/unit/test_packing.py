@@ -115,3 +115,23 @@ def test_span_corruption_invariants(case):
         again = span_corruption(chunk, enc_len=enc_len, dec_len=dec_len, sentinel_start=1000, eos_id=EOS,
                                 pad_id=PAD, start_id=2, rng=np.random.default_rng(case))
         assert all(np.array_equal(ex[k], again[k]) for k in ex)           # deterministic given the seed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_rows_cuts_exactly_the_rows_of_pack_stream(seed):
+    from xft_dist.data.packing import StreamCursor, pack_rows, pack_stream
+
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(3, 250, int(rng.integers(1, 40))) for _ in range(30)]
+    seq_len, k = int(rng.integers(2, 24)), int(rng.integers(1, 8))
+    offset = int(rng.integers(0, len(docs[0]) + 1))  # anywhere in the first document, its EOS included
+    got = pack_rows(docs, offset, k, seq_len, eos_id=1)
+    want, cursor = pack_stream(docs, StreamCursor(0, offset), seq_len, eos_id=1, pad_id=0, max_rows=k)
+    if len(want) < k:
+        assert got is None
+        return
+    rows, after = got
+    for key in want[0]:
+        np.testing.assert_array_equal(rows[key], np.stack([r[key] for r in want]), err_msg=key)
+    assert (after.doc, after.offset) == (cursor.doc, cursor.offset)
+    assert pack_rows(docs, offset, 10**4, seq_len, eos_id=1) is None  # not enough tokens: nothing cut

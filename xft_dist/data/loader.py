@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .packing import (StreamCursor, chunk_for_span_corruption, pack_stream, pad_rows, raw_length_for,
-                      span_corruption, span_lengths)
+from .packing import chunk_for_span_corruption, pack_rows, pad_rows, raw_length_for, span_corruption, span_lengths
 from .shards import Manifest
 from .sources import DEFAULT_SHUFFLE_BUFFER, Mixture, ReadReport, SourceReader, pick_source
 
@@ -125,21 +124,18 @@ class _Stream:
         self.state = {"sources": snapshot, "offset": offset}
 
     def take(self, k: int) -> dict[str, np.ndarray]:
-        rows = self._take_packed(k) if self.cfg.mode == "packed" else self._take_units(k)
+        if self.cfg.mode == "packed":
+            return self._take_packed(k)
+        rows = self._take_units(k)
         return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
-    def _take_packed(self, k: int) -> list[dict]:
-        if not self._buf:
+    def _take_packed(self, k: int) -> dict[str, np.ndarray]:
+        need, offset = k * self.cfg.seq_len + 1, self.state["offset"]
+        have = sum(len(d) + 1 for _, d in self._buf) - offset
+        while have < need:
             self._buf.append(next(self._docs_iter))
-        cursor, rows = StreamCursor(0, self.state["offset"]), []
-        while len(rows) < k:
-            new, cursor = pack_stream([d for _, d in self._buf], cursor, self.cfg.seq_len,
-                                      eos_id=self.eos, pad_id=self.pad, max_rows=k - len(rows))
-            rows.extend(new)
-            if len(rows) < k:
-                self._buf.append(next(self._docs_iter))
-        if cursor.doc == len(self._buf):
-            self._buf.append(next(self._docs_iter))
+            have += len(self._buf[-1][1]) + 1
+        rows, cursor = pack_rows([d for _, d in self._buf], offset, k, self.cfg.seq_len, eos_id=self.eos)
         self._buf = self._buf[cursor.doc:]
         self._set_state(self._buf[0][0], cursor.offset)
         return rows

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +103,25 @@ def pick_source(weights: list[float], tokens: list[int]) -> int:
 
 # ------------------------------------------------------------------------------------------ reading
 
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[iu][1248])', 'fortran_order': False, 'shape': \((\d+),\), \}")
+
+
+def decode_tokens(payload: bytes) -> np.ndarray:
+    """A ``tokens.npy`` payload as a 1-D array without copying. The common header (a 1-D integer
+    array, as ``ShardWriter`` writes) is parsed with one regular expression instead of NumPy's
+    ``literal_eval`` of the header (a third of the decode time); anything else goes to ``np.load``."""
+    if payload[:6] == _NPY_MAGIC and payload[6] in (1, 2, 3):
+        start = 10 if payload[6] == 1 else 12
+        size = int.from_bytes(payload[8:start], "little")
+        m = _NPY_HEADER.match(payload, start, start + size)
+        if m is not None:
+            dtype, count = np.dtype(m.group(1).decode()), int(m.group(2))
+            if len(payload) - start - size != count * dtype.itemsize:
+                raise ValueError(f"{len(payload) - start - size} data bytes for {count} x {dtype}")
+            return np.frombuffer(payload, dtype=dtype, count=count, offset=start + size)
+    return np.load(io.BytesIO(payload), allow_pickle=False)
+
 @dataclass
 class ReadReport:
     """What reading skipped (only when skipping bad data is allowed)."""
@@ -141,7 +161,11 @@ def iter_shard(info: ShardInfo, *, vocab_size: int, skip_bad: bool, report: Read
         if payload is None:
             bad(f"sample {count - 1} (key {key}) has no tokens.npy")
             continue
-        arr = np.load(io.BytesIO(payload), allow_pickle=False)
+        try:
+            arr = decode_tokens(payload)
+        except ValueError as e:
+            bad(f"sample {count - 1} (key {key}): tokens.npy cannot be decoded ({e})")
+            continue
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             bad(f"sample {count - 1} (key {key}): expected a 1-D integer array, got {arr.dtype} {arr.shape}")
             continue
