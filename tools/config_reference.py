@@ -15,7 +15,8 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 def _type(annotation) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    return text.replace("typing.", "").replace("NoneType", "None").replace("|", "\\|")
+    return (text.replace("typing.", "").replace("xft_dist.config.schema.", "").replace("NoneType", "None")
+            .replace("|", "\\|"))
 
 
 def render() -> str:

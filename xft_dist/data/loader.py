@@ -81,8 +81,9 @@ def num_sentinels(cfg: LoaderConfig) -> int:
 
 def _initial_state(num_sources: int = 1) -> dict:
     """A stream's state: per source ``[epoch, shard_pos, doc_pos, tokens drawn]`` as they were
-    before the document at the head of the stream was drawn, and ``offset`` into that document."""
-    return {"sources": [[0, 0, 0, 0] for _ in range(num_sources)], "offset": 0}
+    before the document at the head of the stream was drawn, the source of that document
+    (``head``), and ``offset`` into it (tokens when packing, rows otherwise)."""
+    return {"sources": [[0, 0, 0, 0] for _ in range(num_sources)], "head": 0, "offset": 0}
 
 
 class _Stream:
@@ -103,7 +104,8 @@ class _Stream:
 
     def _iter_docs(self):
         """(snapshot, document) from the state on: the snapshot (every source's position and token
-        count before this document was drawn) restarts the sequence at this document."""
+        count before this document was drawn, and the source it came from) restarts the sequence at
+        this document."""
         cfg, weights = self.cfg, self.mixture.weights
         positions = [list(p) for p in self.state["sources"]]
         readers = [SourceReader(src.manifest, stream=self.sid, num_streams=cfg.num_streams, seed=cfg.seed, salt=i,
@@ -111,8 +113,9 @@ class _Stream:
                                 skip_bad=cfg.skip_bad, report=self._report, position=tuple(positions[i][:3]))
                    for i, src in enumerate(self.mixture.sources)]
         while True:
-            snapshot = [list(p) for p in positions]
+            before = [list(p) for p in positions]
             i = pick_source(weights, [p[3] for p in positions]) if len(readers) > 1 else 0
+            snapshot = {"sources": before, "head": i}
             doc = readers[i].next().astype(np.int64)
             positions[i][:3] = readers[i].position
             positions[i][3] += len(doc)
@@ -121,7 +124,7 @@ class _Stream:
             yield snapshot, doc
 
     def _set_state(self, snapshot, offset: int) -> None:
-        self.state = {"sources": snapshot, "offset": offset}
+        self.state = {"sources": snapshot["sources"], "head": snapshot["head"], "offset": offset}
 
     def take(self, k: int) -> dict[str, np.ndarray]:
         if self.cfg.mode == "packed":
@@ -145,7 +148,7 @@ class _Stream:
             return pad_rows(doc, self.cfg.seq_len, eos_id=self.eos, pad_id=self.pad)
         out = []
         for i, chunk in enumerate(chunk_for_span_corruption(doc, self.raw_len)):
-            rng = np.random.default_rng([self.cfg.seed, *(v for p in loc for v in p[:3]), i, self.sid])
+            rng = np.random.default_rng([self.cfg.seed, *(v for p in loc["sources"] for v in p[:3]), i, self.sid])
             out.append(span_corruption(chunk, enc_len=self.cfg.enc_len, dec_len=self.cfg.seq_len,
                                        sentinel_start=self.vocab_size_tokenizer, eos_id=self.eos,
                                        pad_id=self.pad, start_id=self.start_id, rng=rng,
@@ -279,12 +282,15 @@ class StreamingLoader:
         return {"manifest": self.mixture.digest, **{k: cfg[k] for k in keys}}
 
     def source_stats(self) -> dict[str, dict[str, int]]:
-        """Per source, over this rank's streams after the batches handed out: ``tokens`` drawn
-        (document tokens) and ``epoch`` (the furthest any stream has got)."""
+        """Per source, over this rank's streams after the batches handed out: ``tokens`` (document
+        tokens handed out in rows; in padded / span mode, of the documents begun) and ``epoch`` (the
+        furthest any stream has got)."""
+        packed = self.cfg.mode == "packed"
         out = {}
         for i, src in enumerate(self.mixture.sources):
-            pos = [st["sources"][i] for st in self._states.values()]
-            out[src.name] = {"tokens": sum(p[3] for p in pos), "epoch": max(p[0] for p in pos)}
+            tokens = sum(st["sources"][i][3] + (st["offset"] if packed and st["head"] == i else 0)
+                         for st in self._states.values())
+            out[src.name] = {"tokens": tokens, "epoch": max(st["sources"][i][0] for st in self._states.values())}
         return out
 
     def state_dict(self) -> dict:
