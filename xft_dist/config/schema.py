@@ -63,6 +63,9 @@ class ParallelSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, gloo on CPU")
     timeout_s: float = Field(600, gt=0, description="collective timeout")
+    stall_timeout_s: float = Field(
+        1800, ge=0, description="a rank without progress this long dumps its stacks, status.json says stalled, "
+                                "every rank exits (status 4); 0 disables")
 
 
 class ValidSection(Section):

@@ -1,8 +1,9 @@
 """The process around the model: launcher environment, rank table and lost-peer diagnosis, stop
-signals, and the run's status file."""
+signals, the run's status file, and the stall watchdog."""
 
 from .env import DistEnv, LaunchError
 from .signals import StopSignals
 from .status import write_status
+from .watchdog import EXIT_STALLED, Watchdog
 
-__all__ = ["DistEnv", "LaunchError", "StopSignals", "write_status"]
+__all__ = ["DistEnv", "EXIT_STALLED", "LaunchError", "StopSignals", "Watchdog", "write_status"]

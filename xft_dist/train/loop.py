@@ -23,7 +23,7 @@ from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
 from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_values, rng_state_to_tensors
-from ..runtime import DistEnv, LaunchError, write_status
+from ..runtime import DistEnv, LaunchError, Watchdog, write_status
 from ..runtime.faults import explain, is_comm_error
 from .setup import Run, build_run, layout
 from .step import train_step
@@ -79,6 +79,25 @@ def _meter(r: Run) -> StepMeter:
                      peak_flops_total=peak * r.groups.world_size if peak else None)
 
 
+def _watchdog(r: Run):
+    """This rank's stall watchdog (``parallel.stall_timeout_s``; None when 0)."""
+    timeout = r.cfg.parallel.stall_timeout_s
+    if not timeout:
+        return None
+
+    def stalled(where: str, idle: float) -> None:
+        write_status(r.run_dir, state="stalled", step=r.step, steps=r.cfg.train.steps,
+                     checkpoint=str(r.ckpt.latest()) if r.ckpt.latest() else None, rank=r.groups.rank, phase=where,
+                     idle_s=round(idle, 1))
+
+    return Watchdog(timeout, rank=r.groups.rank, on_stall=stalled).start()
+
+
+def _beat(dog, where: str) -> None:
+    if dog is not None:
+        dog.beat(where)
+
+
 def _data_metrics(r: Run) -> dict:
     """``data/<source>/tokens`` (document tokens drawn, all DP ranks) and ``data/<source>/epoch``."""
     stats = r.loader.source_stats()
@@ -102,14 +121,19 @@ def _progress(r: Run):
 def train(r: Run, *, stop=None) -> dict:
     """Steps from ``r.step`` to ``train.steps`` (or a stop); returns the run's summary."""
     cfg, step = r.cfg, r.step
+    dog = r.watchdog = _watchdog(r)
     meter, bar, batches = _meter(r), _progress(r), iter(r.loader)
     last_saved, stop_reason, history, valid, samples = None, None, [], None, None
     while step < cfg.train.steps:
         meter.start()
         requested = getattr(stop, "requested", None)
-        result = train_step(r.engine, next(batches), groups=r.groups, micro_batch=cfg.train.micro_batch,
+        _beat(dog, f"data for step {step + 1}")
+        batch = next(batches)
+        _beat(dog, f"step {step + 1}")
+        result = train_step(r.engine, batch, groups=r.groups, micro_batch=cfg.train.micro_batch,
                             nonfinite=cfg.train.nonfinite, step=step + 1, stop_requested=bool(requested))
-        step += 1
+        step = r.step = step + 1
+        _beat(dog, f"logging step {step}")
         metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                    "loss_tokens": result.loss_tokens, "skipped_micro_batches": result.skipped_micro,
                    **meter.finish(tokens=result.tokens, real_tokens=result.real_tokens,
@@ -129,11 +153,14 @@ def train(r: Run, *, stop=None) -> dict:
             stop_reason = f"train.stop_after={cfg.train.stop_after}"
         valid_every = cfg.data.valid.every
         if r.valid_batches is not None and (step == cfg.train.steps or (valid_every and step % valid_every == 0)):
+            _beat(dog, f"validation after step {step}")
             valid = run_validation(r, step)
         if cfg.logging.sample_prompts and (step == cfg.train.steps or (
                 cfg.logging.sample_every and step % cfg.logging.sample_every == 0)):
+            _beat(dog, f"samples after step {step}")
             samples = log_samples(r, step)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_reason:
+            _beat(dog, f"checkpoint of step {step}")
             last_saved = save(r, step)
         if stop_reason:
             if r.rank0:
@@ -184,6 +211,8 @@ def _log_step(cfg: Config, step: int, result, metrics: dict) -> None:
 def finish(r: Run, summary: dict) -> None:
     """Close the sinks, write status.json and the summary (rank 0), leave the process group."""
     cfg, step, reason = r.cfg, summary["step"], summary["stopped"]
+    dog = getattr(r, "watchdog", None)
+    _beat(dog, "finish")
     r.sinks.finish()
     if r.rank0:
         write_status(r.run_dir, state="stopped" if reason and step < cfg.train.steps else "finished",
@@ -201,6 +230,8 @@ def finish(r: Run, summary: dict) -> None:
               f"  W&B ({r.sinks.mode}): {summary['wandb'] or 'disabled'}{sync}", flush=True)
     barrier()
     dist.destroy_process_group()
+    if dog is not None:
+        dog.stop()
     _release_shm_buffer()
 
 

@@ -92,10 +92,11 @@ class Run:
     sinks: MetricSinks | None = None
     run_dir: Path | None = None
     config_text: str = ""
-    step: int = 0                                   # the step resumed from (0 for a fresh run)
+    step: int = 0                                   # the last completed step (at start: the one resumed from)
     resumed_from: Path | None = None
     valid_batches: list | None = None               # data.valid: the fixed validation batches (host)
     byte_tokenizer: bool = False
+    watchdog: object | None = None                  # parallel.stall_timeout_s: this rank's Watchdog
 
     @property
     def rank0(self) -> bool:
