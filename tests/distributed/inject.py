@@ -2,6 +2,8 @@
 launchers: ``XFT_TEST_FAULT`` picks the fault, on one rank (``RANK``) only.
 
     stall_data:RANK:BATCH    that rank's data loader sleeps for an hour before handing out BATCH (0-based)
+    nan:RANK:STEP            that rank's loss is NaN in the first micro-batch of STEP (1-based)
+    spike:RANK:STEP:FACTOR   that rank's loss (and gradients) times FACTOR in every micro-batch of STEP
 """
 
 from __future__ import annotations
@@ -29,12 +31,43 @@ def _stall_data(at: int) -> None:
     loader.StreamingLoader.__iter__ = stalling
 
 
+def _scale_loss(at_step: int, factor: float, first_micro_only: bool) -> None:
+    """Multiply the model's loss sum by ``factor`` at ``at_step`` (the trainer's step numbers)."""
+    from xft_dist.models import wrappers
+    from xft_dist.train import loop, step
+
+    current = {"step": 0, "micro": 0}
+    original_step = step.train_step
+
+    def counting_step(*args, **kwargs):
+        current["step"], current["micro"] = kwargs.get("step", 0), 0
+        return original_step(*args, **kwargs)
+
+    loop.train_step = counting_step
+    original_forward = wrappers.AutoregressiveWrapper.forward
+
+    def forward(self, *args, **kwargs):
+        out = original_forward(self, *args, **kwargs)
+        hit = current["step"] == at_step and (current["micro"] == 0 or not first_micro_only)
+        if self.training and isinstance(out, tuple):
+            current["micro"] += 1
+            if hit:
+                return (out[0] * factor, *out[1:])
+        return out
+
+    wrappers.AutoregressiveWrapper.forward = forward
+
+
 def install(fault: str, rank: int) -> None:
     kind, target, *args = fault.split(":")
     if int(target) != rank:
         return
     if kind == "stall_data":
         _stall_data(int(args[0]))
+    elif kind == "nan":
+        _scale_loss(int(args[0]), float("nan"), first_micro_only=True)
+    elif kind == "spike":
+        _scale_loss(int(args[0]), float(args[1]), first_micro_only=False)
     else:
         raise ValueError(f"XFT_TEST_FAULT={fault!r}: unknown fault {kind!r}")
 

@@ -26,7 +26,7 @@ from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_val
 from ..runtime import DistEnv, LaunchError, Watchdog, write_status
 from ..runtime.faults import explain, is_comm_error
 from .setup import Run, build_run, layout
-from .step import train_step
+from .step import NonFiniteLoss, train_step
 
 log = logging.getLogger("xft_dist.train")
 
@@ -39,6 +39,16 @@ def run(cfg: Config, *, local_rank: int | None = None, stop=None) -> dict:
         summary = train(r, stop=stop)
         finish(r, summary)
         return summary
+    except NonFiniteLoss as e:
+        # Decided alike on every rank (the flag travels in the step's one collective): no update was
+        # applied; the newest checkpoint is the state to resume or roll back from.
+        r = state["run"]
+        if r is not None and r.rank0 and r.run_dir is not None:
+            latest = r.ckpt.latest() if r.ckpt is not None else None
+            write_status(r.run_dir, state="nonfinite", step=r.step, steps=cfg.train.steps,
+                         checkpoint=str(latest) if latest else None, reason=str(e))
+        _leave_world()
+        raise
     except (ConfigError, DataError, LaunchError):
         # Bad input, refused alike by every rank (e.g. a checkpoint it cannot reshard): leave the
         # process group before the interpreter exits, or gloo's threads abort the teardown and the
