@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 2 launch/pretrain.py --config configs/tiny.yaml model.depth=4
 
 A configuration error exits with status 2 and a message naming the key, the value and what was
-expected; a non-finite loss under ``train.nonfinite=stop`` with status 5 (every rank, the same step);
+expected; a non-finite loss under ``train.nonfinite=stop``, or a loss spike after
+``train.spike.max_rollbacks`` rollbacks, with status 5 (every rank, the same step);
 a lost peer with 3; a stalled rank (``parallel.stall_timeout_s``) with 4.
 """
 
@@ -41,12 +42,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, LaunchError) as e:
         print(f"pretrain: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - only the trainer's NonFiniteLoss is turned into a status here
-        from xft_dist.train.step import NonFiniteLoss
+    except Exception as e:  # noqa: BLE001 - only the trainer's TrainingHalted is turned into a status here
+        from xft_dist.train.step import TrainingHalted
 
-        if not isinstance(e, NonFiniteLoss):
+        if not isinstance(e, TrainingHalted):
             raise
-        print(f"pretrain: NonFiniteLoss: {e}", file=sys.stderr)
+        print(f"pretrain: {type(e).__name__}: {e}", file=sys.stderr)
         return 5
     return 0
 

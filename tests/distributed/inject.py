@@ -4,6 +4,7 @@ launchers: ``XFT_TEST_FAULT`` picks the fault, on one rank (``RANK``) only.
     stall_data:RANK:BATCH    that rank's data loader sleeps for an hour before handing out BATCH (0-based)
     nan:RANK:STEP            that rank's loss is NaN in the first micro-batch of STEP (1-based)
     spike:RANK:STEP:FACTOR   that rank's loss (and gradients) times FACTOR in every micro-batch of STEP
+                             (the first time STEP runs: a rolled-back run meets it once)
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ def _scale_loss(at_step: int, factor: float, first_micro_only: bool) -> None:
     from xft_dist.models import wrappers
     from xft_dist.train import loop, step
 
-    current = {"step": 0, "micro": 0}
+    current = {"step": 0, "micro": 0, "runs": 0}
     original_step = step.train_step
 
     def counting_step(*args, **kwargs):
         current["step"], current["micro"] = kwargs.get("step", 0), 0
+        current["runs"] += current["step"] == at_step
         return original_step(*args, **kwargs)
 
     loop.train_step = counting_step
@@ -48,7 +50,7 @@ def _scale_loss(at_step: int, factor: float, first_micro_only: bool) -> None:
 
     def forward(self, *args, **kwargs):
         out = original_forward(self, *args, **kwargs)
-        hit = current["step"] == at_step and (current["micro"] == 0 or not first_micro_only)
+        hit = current["step"] == at_step and current["runs"] == 1 and (current["micro"] == 0 or not first_micro_only)
         if self.training and isinstance(out, tuple):
             current["micro"] += 1
             if hit:

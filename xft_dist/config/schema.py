@@ -120,6 +120,24 @@ class DataSection(Section):
         return self.shards if self.shards is not None else self.sources[0].shards
 
 
+class SpikeSection(Section):
+    action: Literal["log", "rollback"] = Field(
+        "log", description="on a loss / grad-norm spike: log it, or reload the last checkpoint and skip data")
+    zscore: float = Field(6.0, gt=0, description="a value this many standard deviations above the window's mean")
+    ratio: float | None = Field(None, gt=1, description="or above this many times the window's mean")
+    window: int = Field(100, ge=2, description="accepted steps the mean and deviation are taken over")
+    warmup: int = Field(20, ge=2, description="steps of history before the guard judges")
+    grad_norm: bool = Field(True, description="judge the gradient norm too")
+    skip_batches: int = Field(1, ge=0, description="rollback: global batches of data skipped after the checkpoint")
+    max_rollbacks: int = Field(3, ge=0, description="rollback: then stop the run instead")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.warmup > self.window:
+            raise ValueError(f"train.spike.warmup={self.warmup} must be <= train.spike.window={self.window}")
+        return self
+
+
 class TrainSection(Section):
     steps: int = Field(100, ge=1, description="optimizer steps in the whole run")
     global_batch: int = Field(8, ge=1, description="sequences per optimizer step, all DP ranks")
@@ -128,6 +146,9 @@ class TrainSection(Section):
     seed: int = Field(0, description="weights, data order and dropout derive from it")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="on a non-finite loss: stop, or skip that micro-batch")
+    spike: SpikeSection = Field(SpikeSection(), description="loss-spike guard")
+    skip_data: list[tuple[int, int]] = Field(
+        [], description="[[step, n], ...]: after completing step, skip n global batches (what a rollback does)")
     stop_after: int | None = Field(None, ge=1, description="checkpoint and exit after this step (time-limited jobs)")
 
 

@@ -22,11 +22,20 @@ from ..data import DataError, StreamingLoader
 from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
-from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_values, rng_state_to_tensors
+from ..parallel import (
+    all_gather_object,
+    barrier,
+    capture_rng_state,
+    reduce_values,
+    restore_rng_state,
+    rng_state_from_tensors,
+    rng_state_to_tensors,
+)
 from ..runtime import DistEnv, LaunchError, Watchdog, write_status
 from ..runtime.faults import explain, is_comm_error
+from .guard import SpikeGuard
 from .setup import Run, build_run, layout
-from .step import NonFiniteLoss, train_step
+from .step import LossSpikeHalt, NonFiniteLoss, TrainingHalted, train_step
 
 log = logging.getLogger("xft_dist.train")
 
@@ -39,14 +48,14 @@ def run(cfg: Config, *, local_rank: int | None = None, stop=None) -> dict:
         summary = train(r, stop=stop)
         finish(r, summary)
         return summary
-    except NonFiniteLoss as e:
-        # Decided alike on every rank (the flag travels in the step's one collective): no update was
-        # applied; the newest checkpoint is the state to resume or roll back from.
+    except TrainingHalted as e:
+        # Decided alike on every rank (the numbers travel in the step's one collective); for a
+        # non-finite loss no update was applied. The newest checkpoint is the state to resume from.
         r = state["run"]
         if r is not None and r.rank0 and r.run_dir is not None:
             latest = r.ckpt.latest() if r.ckpt is not None else None
-            write_status(r.run_dir, state="nonfinite", step=r.step, steps=cfg.train.steps,
-                         checkpoint=str(latest) if latest else None, reason=str(e))
+            write_status(r.run_dir, state="nonfinite" if isinstance(e, NonFiniteLoss) else "spike", step=r.step,
+                         steps=cfg.train.steps, checkpoint=str(latest) if latest else None, reason=str(e))
         _leave_world()
         raise
     except (ConfigError, DataError, LaunchError):
@@ -73,7 +82,7 @@ def save(r: Run, step: int):
     states = all_gather_object(r.loader.state_dict(), r.groups.dp_group)
     shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": r.sinks.run_id,
               "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer,
-              "layout": layout(r.cfg, r.groups)}
+              "layout": layout(r.cfg, r.groups), "spike": r.guard.state_dict() if r.guard is not None else None}
     uc = universal_client_state(r.model, r.vocab.num_tokens)
     return r.ckpt.save(r.engine, step, rank_state={"rng": rng_state_to_tensors(capture_rng_state(r.streams))},
                        shared=shared, config_text=r.config_text, client_state=uc)
@@ -87,6 +96,40 @@ def _meter(r: Run) -> StepMeter:
         peak = next((v for k, v in PEAK_FLOPS.items() if k.split("-")[0] in name), None)
     return StepMeter(flops_per_token=flops_per_token(cfg, r.model),
                      peak_flops_total=peak * r.groups.world_size if peak else None)
+
+
+def _skip_batches(r: Run, batches, n: int, why: str) -> None:
+    """Consume ``n`` global batches without training on them (the loader state moves past them)."""
+    for _ in range(n):
+        next(batches)
+    r.skipped_batches += n
+    if r.rank0:
+        log.warning("skipped %d global batches of data (%s); %d skipped in this run", n, why, r.skipped_batches)
+
+
+def _rollback(r: Run, guard: SpikeGuard, step: int, why: str):
+    """Reload the newest complete checkpoint on every rank and skip ``train.spike.skip_batches``
+    batches; ``(step, batch iterator)`` to go on from."""
+    spike = r.cfg.train.spike
+    if guard.rollbacks >= spike.max_rollbacks:
+        raise LossSpikeHalt(f"step {step}: loss spike ({why}) after {guard.rollbacks} rollbacks "
+                            f"(train.spike.max_rollbacks={spike.max_rollbacks}): stopping")
+    latest = r.ckpt.latest()
+    if latest is None:
+        raise LossSpikeHalt(f"step {step}: loss spike ({why}) and no checkpoint to roll back to: stopping")
+    rollbacks = guard.rollbacks + 1
+    rank_state, shared = r.ckpt.load(r.engine, latest)
+    r.loader.load_state_dict(shared["loader"])
+    restore_rng_state(rng_state_from_tensors(rank_state["rng"]), r.streams)
+    guard.load_state_dict(shared.get("spike"))
+    guard.rollbacks = rollbacks
+    r.step = shared["step"]
+    if r.rank0:
+        log.warning("rolled back from step %d to %s (rollback %d of at most %d)", step, latest, rollbacks,
+                    spike.max_rollbacks)
+    batches = iter(r.loader)
+    _skip_batches(r, batches, spike.skip_batches, f"rollback after the spike at step {step}")
+    return r.step, batches
 
 
 def _watchdog(r: Run):
@@ -132,6 +175,9 @@ def train(r: Run, *, stop=None) -> dict:
     """Steps from ``r.step`` to ``train.steps`` (or a stop); returns the run's summary."""
     cfg, step = r.cfg, r.step
     dog = r.watchdog = _watchdog(r)
+    guard = r.guard = SpikeGuard.from_config(cfg.train.spike)
+    guard.load_state_dict(r.spike_state)
+    skips = dict(cfg.train.skip_data)
     meter, bar, batches = _meter(r), _progress(r), iter(r.loader)
     last_saved, stop_reason, history, valid, samples = None, None, [], None, None
     while step < cfg.train.steps:
@@ -149,6 +195,16 @@ def train(r: Run, *, stop=None) -> dict:
                    **meter.finish(tokens=result.tokens, real_tokens=result.real_tokens,
                                   loss_tokens=result.loss_tokens)}
         history.append(result.loss)
+        spike = guard.check(result.loss, result.grad_norm)
+        if spike is not None:
+            metrics.update({"spike": 1, "spike/count": guard.spikes})
+            if r.rank0:
+                log.warning("step %d: loss spike: %s (train.spike.action=%s)", step, spike, cfg.train.spike.action)
+            if cfg.train.spike.action == "rollback":
+                r.sinks.log(step, metrics)
+                _beat(dog, f"rollback after step {step}")
+                step, batches = _rollback(r, guard, step, spike)
+                continue
         if step % cfg.logging.every == 0 or step == 1 or step == cfg.train.steps:  # the same steps on every rank
             metrics.update(_data_metrics(r))
         r.sinks.log(step, metrics)
@@ -169,6 +225,8 @@ def train(r: Run, *, stop=None) -> dict:
                 cfg.logging.sample_every and step % cfg.logging.sample_every == 0)):
             _beat(dog, f"samples after step {step}")
             samples = log_samples(r, step)
+        if step in skips:  # train.skip_data: the batches a rollback skipped, or chosen by hand
+            _skip_batches(r, batches, skips[step], f"train.skip_data after step {step}")
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_reason:
             _beat(dog, f"checkpoint of step {step}")
             last_saved = save(r, step)

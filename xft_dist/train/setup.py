@@ -97,6 +97,9 @@ class Run:
     valid_batches: list | None = None               # data.valid: the fixed validation batches (host)
     byte_tokenizer: bool = False
     watchdog: object | None = None                  # parallel.stall_timeout_s: this rank's Watchdog
+    guard: object | None = None                     # train.spike: the SpikeGuard
+    spike_state: dict | None = None                 # its state in the checkpoint resumed from
+    skipped_batches: int = 0                        # global batches skipped (rollbacks, train.skip_data)
 
     @property
     def rank0(self) -> bool:
@@ -230,6 +233,7 @@ def _attach_training(run: Run, manifest: Mixture, resume: tuple[Path, bool] | No
         latest, universal = resume
         rank_state, shared = run.ckpt.load(run.engine, latest, universal=universal)
         run.step, run_id, run.resumed_from = shared["step"], shared.get("wandb_run_id"), latest
+        run.spike_state = shared.get("spike")
         run.loader.load_state_dict(shared["loader"])
         if rank_state is not None:
             restore_rng_state(rng_state_from_tensors(rank_state["rng"]), run.streams)

@@ -29,7 +29,15 @@ from ..parallel import ParallelGroups, all_reduce, any_rank
 log = logging.getLogger("xft_dist.train")
 
 
-class NonFiniteLoss(RuntimeError):
+class TrainingHalted(RuntimeError):
+    """Every rank stops at the same step for a reason of the training itself (exit status 5)."""
+
+
+class LossSpikeHalt(TrainingHalted):
+    """A loss spike after ``train.spike.max_rollbacks`` rollbacks."""
+
+
+class NonFiniteLoss(TrainingHalted):
     pass
 
 

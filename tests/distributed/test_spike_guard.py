@@ -1,0 +1,72 @@
+"""The loss-spike guard through the deepspeed launcher on 2 CPU ranks, with a spike injected into
+one rank's loss at step 7 (its loss and gradients times 50): ``log`` logs it and trains on;
+``rollback`` reloads the step-4 checkpoint, skips the 3 global batches after it, and its later
+losses equal those of a run that never saw those batches (``train.skip_data``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..helpers import REPO, cpu_rank_env, free_port, make_corpus
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+BIN = Path(sys.executable).parent
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spike")
+    make_corpus(root / "shards", num_docs=400, shard_tokens=800)
+    cfg = {"model": {"dim": 32, "depth": 1, "heads": 2},
+           "data": {"shards": str(root / "shards"), "seq_len": 32, "num_streams": 2},
+           "train": {"steps": STEPS, "global_batch": 4, "micro_batch": 2,
+                     "spike": {"warmup": 3, "window": 20, "zscore": 6.0, "skip_batches": 3}},
+           "optim": {"lr": 1e-3},
+           "checkpoint": {"every": 4, "keep": 3},
+           "logging": {"every": 1, "wandb": "disabled", "progress_bar": False},
+           "run": {"out_dir": str(root / "runs")}}
+    (root / "cfg.yaml").write_text(json.dumps(cfg))
+    return root
+
+
+def _run(work, name, *overrides, fault=""):
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "distributed" / "inject.py"), "--config", str(work / "cfg.yaml"), f"run.name={name}",
+           *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**cpu_rank_env(), "XFT_TEST_FAULT": fault},
+                         cwd=REPO, timeout=300)
+    assert res.returncode == 0, f"{name}:\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"
+    rows = [json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    return res.stdout + res.stderr, rows
+
+
+def _last_losses(rows):
+    """step -> loss, the last time each step was logged (a rollback logs steps again)."""
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_log_action_logs_the_injected_spike_and_trains_on(work):
+    log, rows = _run(work, "log", fault="spike:1:7:50")
+    assert log.count("step 7: loss spike: loss") == 1, log[-3000:]  # rank 0 logs it
+    spikes = [r["step"] for r in rows if r.get("spike")]
+    assert spikes == [7] and max(r["step"] for r in rows) == STEPS
+
+
+def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them(work):
+    log, rows = _run(work, "rollback", "train.spike.action=rollback", fault="spike:1:7:50")
+    assert "rolled back from step 7 to" in log and "step-00000004" in log, log[-3000:]
+    assert "skipped 3 global batches of data (rollback after the spike at step 7)" in log
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, *range(5, STEPS + 1)]  # steps 5-7 again, on later data
+    _, clean = _run(work, "clean", "train.skip_data=[[4, 3]]")
+    got, want = _last_losses(rows), _last_losses(clean)
+    for step in range(5, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
+    before = _last_losses(_run(work, "plain")[1])
+    assert got[5] != pytest.approx(before[5], rel=1e-3)  # the skip changed the data

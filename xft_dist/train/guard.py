@@ -1,0 +1,68 @@
+"""Loss-spike guard: a step whose loss (or gradient norm) is far above its recent history is
+logged, or rolled back (``train.spike``).
+
+The history is the last ``window`` accepted values; a value is a spike when at least ``warmup``
+values are known and its z-score against them exceeds ``zscore`` (or, with ``ratio``, it exceeds
+``ratio`` times their mean). Every rank sees the same reduced loss and gradient norm, so every rank
+decides alike. The history is saved with each checkpoint and restored on resume and rollback, so
+the decisions of a resumed run are those of an uninterrupted one.
+
+``rollback``: every rank reloads the newest complete checkpoint (weights, optimizer, schedule,
+RNG, data position, this history), skips the next ``skip_batches`` global batches of data, counted
+and logged, and trains on; after ``max_rollbacks`` the run stops instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+
+class SpikeGuard:
+    def __init__(self, *, window: int, warmup: int, zscore: float, ratio: float | None, grad_norm: bool):
+        self.window, self.warmup, self.zscore, self.ratio, self.grad_norm = window, warmup, zscore, ratio, grad_norm
+        self.history: dict[str, deque] = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window)}
+        self.rollbacks = 0
+        self.spikes = 0
+
+    @classmethod
+    def from_config(cls, spike) -> "SpikeGuard":
+        return cls(window=spike.window, warmup=spike.warmup, zscore=spike.zscore, ratio=spike.ratio,
+                   grad_norm=spike.grad_norm)
+
+    def _judge(self, key: str, value: float | None) -> str | None:
+        if value is None or not math.isfinite(value):
+            return None
+        past = self.history[key]
+        if len(past) < self.warmup:
+            return None
+        mean = sum(past) / len(past)
+        std = math.sqrt(sum((x - mean) ** 2 for x in past) / len(past))
+        z = (value - mean) / std if std > 0 else (math.inf if value > mean else 0.0)
+        if z > self.zscore:
+            return f"{key} {value:.4g} is {z:.1f} standard deviations above the mean {mean:.4g} of the last {len(past)}"
+        if self.ratio is not None and value > self.ratio * mean:
+            return f"{key} {value:.4g} is over {self.ratio:g} x the mean {mean:.4g} of the last {len(past)}"
+        return None
+
+    def check(self, loss: float, grad_norm: float | None) -> str | None:
+        """Why this step is a spike, or None (then its values join the history)."""
+        why = self._judge("loss", loss) or (self._judge("grad_norm", grad_norm) if self.grad_norm else None)
+        if why is not None:
+            self.spikes += 1
+            return why
+        self.history["loss"].append(loss)
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self.history["grad_norm"].append(grad_norm)
+        return None
+
+    def state_dict(self) -> dict:
+        return {"history": {k: list(v) for k, v in self.history.items()}, "rollbacks": self.rollbacks,
+                "spikes": self.spikes}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:
+            return
+        for k, values in state["history"].items():
+            self.history[k] = deque(values, maxlen=self.window)
+        self.rollbacks, self.spikes = state["rollbacks"], state["spikes"]
