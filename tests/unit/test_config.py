@@ -50,8 +50,14 @@ def test_deepspeed_config_is_derived_and_raw_section_cannot_conflict():
     assert split == (16, 4, 512)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
     assert ds["scheduler"]["params"]["total_num_steps"] == 20000
-    ok = load_config(REPO / "configs" / "gpt_125m.yaml", ["deepspeed={zero_optimization: {overlap_comm: true}}"])
-    assert deepspeed_config(ok, 8)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    ok = load_config(REPO / "configs" / "gpt_125m.yaml",
+                     ["deepspeed={zero_optimization: {round_robin_gradients: true}}"])
+    zero = deepspeed_config(ok, 8)["zero_optimization"]
+    assert zero["stage"] == 2 and zero["round_robin_gradients"] is True
+    assert zero["overlap_comm"] and zero["contiguous_gradients"] and zero["reduce_bucket_size"] == max(768**2, 2**22)
+    owned = load_config(REPO / "configs" / "gpt_125m.yaml", ["deepspeed={zero_optimization: {overlap_comm: false}}"])
+    with pytest.raises(ConfigError, match="zero_optimization.overlap_comm: set by xft_dist .*parallel.overlap_comm"):
+        deepspeed_config(owned, 8)
     bad = load_config(REPO / "configs" / "gpt_125m.yaml", ["deepspeed={zero_optimization: {stage: 3}}"])
     with pytest.raises(ConfigError, match="deepspeed.zero_optimization.stage: set by xft_dist"):
         deepspeed_config(bad, 8)

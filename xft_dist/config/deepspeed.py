@@ -10,10 +10,40 @@ from .errors import ConfigError
 from .schema import Config
 
 # The keys (and nested keys) that the generated config owns.
+COMM = {"overlap_comm": "overlap_comm", "contiguous_gradients": "contiguous_gradients",
+        "reduce_bucket_size": "reduce_bucket_size", "allgather_bucket_size": "allgather_bucket_size",
+        "stage3_prefetch_bucket_size": "prefetch_bucket_size",
+        "stage3_param_persistence_threshold": "param_persistence_threshold"}
 OWNED = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization.stage",
+    *(f"zero_optimization.{k}" for k in COMM),
 }
+
+
+def zero_comm(cfg: Config) -> dict[str, Any]:
+    """ZeRO's communication settings: overlap and buckets from ``parallel.*``, the bucket sizes by
+    default scaled by the model's width ``d`` (the widest of encoder and decoder): reduce and
+    all-gather buckets ``max(d^2, 2^22)`` elements, ZeRO-3 prefetch ``max(0.9 d^2, 2^21)``, and
+    parameters under ``10 d`` elements (norms, biases) kept gathered under ZeRO-3. ``d^2`` is one
+    square matrix of the model: a bucket holds a few layers' worth of gradients, big enough to
+    amortise a collective's latency and small enough to start while the backward goes on; the
+    floors keep tiny models from issuing thousands of tiny collectives."""
+    p, stage = cfg.parallel, cfg.parallel.zero_stage
+    if stage == 0:
+        return {}
+    d = max(cfg.model.dim, cfg.model.enc_dim or 0)
+    out: dict[str, Any] = {"overlap_comm": p.overlap_comm,
+                           "reduce_bucket_size": p.reduce_bucket_size or max(d * d, 1 << 22)}
+    if stage >= 2:
+        out["contiguous_gradients"] = p.contiguous_gradients
+    if stage <= 2:
+        out["allgather_bucket_size"] = p.allgather_bucket_size or max(d * d, 1 << 22)
+    else:
+        out["stage3_prefetch_bucket_size"] = p.prefetch_bucket_size or max(int(0.9 * d * d), 1 << 21)
+        out["stage3_param_persistence_threshold"] = (p.param_persistence_threshold
+                                                     if p.param_persistence_threshold is not None else 10 * d)
+    return out
 
 
 def batch_split(cfg: Config, dp_size: int) -> tuple[int, int]:
@@ -64,14 +94,16 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
             "warmup_min_ratio": 0.0, "cos_min_ratio": s.min_lr_ratio, "warmup_type": "linear"}},
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": {"enabled": cfg.train.precision == "fp16"},
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, **zero_comm(cfg)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     conflicts = _conflicts(cfg.deepspeed)
     if conflicts:
-        raise ConfigError(f"deepspeed.{conflicts[0]}: set by xft_dist from its own config (e.g. train.*, "
-                          f"optim.*, parallel.zero_stage); remove it from the raw deepspeed section")
+        key = conflicts[0].split(".")[-1]
+        ours = f"parallel.{COMM[key]}" if key in COMM else "e.g. train.*, optim.*, parallel.zero_stage"
+        raise ConfigError(f"deepspeed.{conflicts[0]}: set by xft_dist from its own config ({ours}); remove it "
+                          f"from the raw deepspeed section")
     return _merge(ds, cfg.deepspeed)
 
 

@@ -66,6 +66,16 @@ class ParallelSection(Section):
     stall_timeout_s: float = Field(
         1800, ge=0, description="a rank without progress this long dumps its stacks, status.json says stalled, "
                                 "every rank exits (status 4); 0 disables")
+    overlap_comm: bool = Field(True, description="ZeRO 1-3: overlap gradient reduction with the backward")
+    contiguous_gradients: bool = Field(True, description="ZeRO 2-3: copy gradients into one buffer as produced")
+    reduce_bucket_size: int | None = Field(
+        None, ge=1, description="elements per gradient-reduction bucket; default max(dim^2, 2^22)")
+    allgather_bucket_size: int | None = Field(
+        None, ge=1, description="ZeRO 1-2: elements per parameter all-gather bucket; default max(dim^2, 2^22)")
+    prefetch_bucket_size: int | None = Field(
+        None, ge=1, description="ZeRO-3: elements prefetched ahead of use; default max(0.9 dim^2, 2^21)")
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: parameters this small stay gathered; default 10 dim")
 
 
 class ValidSection(Section):
