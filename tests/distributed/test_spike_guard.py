@@ -51,14 +51,19 @@ def _last_losses(rows):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_log_action_logs_the_injected_spike_and_trains_on(work):
-    log, rows = _run(work, "log", fault="spike:1:7:50")
+@pytest.fixture(scope="module")
+def logged(work):
+    return _run(work, "log", fault="spike:1:7:50")
+
+
+def test_log_action_logs_the_injected_spike_and_trains_on(logged):
+    log, rows = logged
     assert log.count("step 7: loss spike: loss") == 1, log[-3000:]  # rank 0 logs it
     spikes = [r["step"] for r in rows if r.get("spike")]
     assert spikes == [7] and max(r["step"] for r in rows) == STEPS
 
 
-def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them(work):
+def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them(work, logged):
     log, rows = _run(work, "rollback", "train.spike.action=rollback", fault="spike:1:7:50")
     assert "rolled back from step 7 to" in log and "step-00000004" in log, log[-3000:]
     assert "skipped 3 global batches of data (rollback after the spike at step 7)" in log
@@ -68,5 +73,5 @@ def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them
     got, want = _last_losses(rows), _last_losses(clean)
     for step in range(5, STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
-    before = _last_losses(_run(work, "plain")[1])
+    before = _last_losses(logged[1])  # steps 1-6 of the log run: no spike yet, no skip
     assert got[5] != pytest.approx(before[5], rel=1e-3)  # the skip changed the data
