@@ -33,7 +33,10 @@ def zero_comm(cfg: Config) -> dict[str, Any]:
     if stage == 0:
         return {}
     d = max(cfg.model.dim, cfg.model.enc_dim or 0)
-    out: dict[str, Any] = {"overlap_comm": p.overlap_comm,
+    # A micro-batch skipped for a non-finite loss runs a zero-gradient backward over every parameter,
+    # which DeepSpeed's overlapped reduction rejects ("gradient computed twice"): no overlap then.
+    overlap = p.overlap_comm if p.overlap_comm is not None else cfg.train.nonfinite != "skip"
+    out: dict[str, Any] = {"overlap_comm": overlap,
                            "reduce_bucket_size": p.reduce_bucket_size or max(d * d, 1 << 22)}
     if stage >= 2:
         out["contiguous_gradients"] = p.contiguous_gradients

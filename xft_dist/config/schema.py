@@ -66,7 +66,9 @@ class ParallelSection(Section):
     stall_timeout_s: float = Field(
         1800, ge=0, description="a rank without progress this long dumps its stacks, status.json says stalled, "
                                 "every rank exits (status 4); 0 disables")
-    overlap_comm: bool = Field(True, description="ZeRO 1-3: overlap gradient reduction with the backward")
+    overlap_comm: bool | None = Field(
+        None, description="ZeRO 1-3: overlap gradient reduction with the backward; default on, except with "
+                          "train.nonfinite=skip")
     contiguous_gradients: bool = Field(True, description="ZeRO 2-3: copy gradients into one buffer as produced")
     reduce_bucket_size: int | None = Field(
         None, ge=1, description="elements per gradient-reduction bucket; default max(dim^2, 2^22)")
@@ -241,6 +243,9 @@ class Config(Section):
             raise ValueError(f"model.heads={m.heads} must be divisible by parallel.tp={tp}")
         if kv % tp:
             raise ValueError(f"model.kv_heads={kv} must be divisible by parallel.tp={tp}")
+        if self.train.nonfinite == "skip" and self.parallel.overlap_comm:
+            raise ValueError("train.nonfinite='skip' with parallel.overlap_comm=true: a skipped micro-batch's "
+                             "zero-gradient backward trips DeepSpeed's overlapped reduction; leave overlap_comm unset")
         if self.train.nonfinite == "skip" and self.parallel.zero_stage == 3:
             raise ValueError("train.nonfinite='skip' is not supported with parallel.zero_stage=3 "
                              "(use 'stop', or ZeRO 0-2)")
