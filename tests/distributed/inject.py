@@ -60,6 +60,19 @@ def _scale_loss(at_step: int, factor: float, first_micro_only: bool) -> None:
     wrappers.AutoregressiveWrapper.forward = forward
 
 
+def launch(config: Path, name: str, *overrides: str, fault: str = "", nproc: int = 2, timeout: int = 300):
+    """This entry point under the deepspeed launcher on ``nproc`` CPU ranks, with ``fault``
+    installed: the finished process (stdout and stderr captured)."""
+    import subprocess
+
+    from ..helpers import cpu_rank_env, free_port
+
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+           str(free_port()), str(Path(__file__)), "--config", str(config), f"run.name={name}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**cpu_rank_env(), "XFT_TEST_FAULT": fault},
+                          cwd=REPO, timeout=timeout)
+
+
 def install(fault: str, rank: int) -> None:
     kind, target, *args = fault.split(":")
     if int(target) != rank:

@@ -6,16 +6,13 @@ training goes on)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from ..helpers import REPO, cpu_rank_env, free_port, make_corpus
+from ..helpers import make_corpus
+from .inject import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +30,7 @@ def work(tmp_path_factory):
 
 
 def _run(work, name, fault, *overrides):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "distributed" / "inject.py"), "--config", str(work / "cfg.yaml"), f"run.name={name}",
-           *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**cpu_rank_env(), "XFT_TEST_FAULT": fault},
-                         cwd=REPO, timeout=300)
+    res = launch(work / "cfg.yaml", name, *overrides, fault=fault)
     rows = [json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     return res, rows
 

@@ -22,19 +22,11 @@ from ..data import DataError, StreamingLoader
 from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
-from ..parallel import (
-    all_gather_object,
-    barrier,
-    capture_rng_state,
-    reduce_values,
-    restore_rng_state,
-    rng_state_from_tensors,
-    rng_state_to_tensors,
-)
+from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_values, rng_state_to_tensors
 from ..runtime import DistEnv, LaunchError, Watchdog, write_status
 from ..runtime.faults import explain, is_comm_error
 from .guard import SpikeGuard
-from .setup import Run, build_run, layout
+from .setup import Run, build_run, layout, restore_checkpoint
 from .step import LossSpikeHalt, NonFiniteLoss, TrainingHalted, train_step
 
 log = logging.getLogger("xft_dist.train")
@@ -118,12 +110,9 @@ def _rollback(r: Run, guard: SpikeGuard, step: int, why: str):
     if latest is None:
         raise LossSpikeHalt(f"step {step}: loss spike ({why}) and no checkpoint to roll back to: stopping")
     rollbacks = guard.rollbacks + 1
-    rank_state, shared = r.ckpt.load(r.engine, latest)
-    r.loader.load_state_dict(shared["loader"])
-    restore_rng_state(rng_state_from_tensors(rank_state["rng"]), r.streams)
-    guard.load_state_dict(shared.get("spike"))
+    restore_checkpoint(r, latest)
+    guard.load_state_dict(r.spike_state)
     guard.rollbacks = rollbacks
-    r.step = shared["step"]
     if r.rank0:
         log.warning("rolled back from step %d to %s (rollback %d of at most %d)", step, latest, rollbacks,
                     spike.max_rollbacks)
@@ -139,8 +128,9 @@ def _watchdog(r: Run):
         return None
 
     def stalled(where: str, idle: float) -> None:
+        latest = r.ckpt.latest()
         write_status(r.run_dir, state="stalled", step=r.step, steps=r.cfg.train.steps,
-                     checkpoint=str(r.ckpt.latest()) if r.ckpt.latest() else None, rank=r.groups.rank, phase=where,
+                     checkpoint=str(latest) if latest else None, rank=r.groups.rank, phase=where,
                      idle_s=round(idle, 1))
 
     return Watchdog(timeout, rank=r.groups.rank, on_stall=stalled).start()

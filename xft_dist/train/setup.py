@@ -211,6 +211,21 @@ def _pick_resume(cfg: Config, groups: ParallelGroups) -> tuple[Path, bool] | Non
     return latest, True
 
 
+def restore_checkpoint(run: Run, path: Path, *, universal: bool = False) -> dict:
+    """Collective: ``path`` into the run (engine, step, loader position, RNG streams, the spike
+    guard's saved state); returns the checkpoint's shared state. ``universal``: from its universal
+    conversion (another layout): the RNG streams are then re-derived from the seed and the step."""
+    rank_state, shared = run.ckpt.load(run.engine, path, universal=universal)
+    run.step, run.spike_state = shared["step"], shared.get("spike")
+    run.loader.load_state_dict(shared["loader"])
+    if rank_state is not None:
+        restore_rng_state(rng_state_from_tensors(rank_state["rng"]), run.streams)
+    else:  # another layout: the RNG streams are re-derived from the seed and the step (docs)
+        fresh = seed_all(run.cfg.train.seed * 1_000_003 + run.step, tp_rank=run.groups.tp_rank)
+        run.streams.set_states(fresh.get_states())
+    return shared
+
+
 def _attach_training(run: Run, manifest: Mixture, resume: tuple[Path, bool] | None) -> None:
     """Loader, run directory, checkpoints (resumed if any) and metric sinks."""
     cfg, groups = run.cfg, run.groups
@@ -231,15 +246,8 @@ def _attach_training(run: Run, manifest: Mixture, resume: tuple[Path, bool] | No
     run_id = None
     if resume is not None:
         latest, universal = resume
-        rank_state, shared = run.ckpt.load(run.engine, latest, universal=universal)
-        run.step, run_id, run.resumed_from = shared["step"], shared.get("wandb_run_id"), latest
-        run.spike_state = shared.get("spike")
-        run.loader.load_state_dict(shared["loader"])
-        if rank_state is not None:
-            restore_rng_state(rng_state_from_tensors(rank_state["rng"]), run.streams)
-        else:  # another layout: the RNG streams are re-derived from the seed and the step (docs)
-            fresh = seed_all(cfg.train.seed * 1_000_003 + run.step, tp_rank=groups.tp_rank)
-            run.streams.set_states(fresh.get_states())
+        shared = restore_checkpoint(run, latest, universal=universal)
+        run_id, run.resumed_from = shared.get("wandb_run_id"), latest
         if run.rank0:
             log.info("resumed from %s at step %d%s", latest, run.step, " (resharded)" if universal else "")
     run.sinks = MetricSinks(run.run_dir, mode=cfg.logging.wandb, project=cfg.logging.project, name=cfg.run.name,
