@@ -7,7 +7,7 @@ merged into the generated DeepSpeed config (a key that conflicts with ours is an
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,7 +42,8 @@ class ModelSection(Section):
     ff_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on feed-forward hidden units")
     tie_embedding: bool = Field(True, description="output head reuses the token embedding (decoder)")
     pad_vocab_to_multiple_of: int = Field(1, ge=1, description="vocab padded to a multiple of this x tp")
-    activation_checkpointing: int = Field(0, ge=0, description="0 off, 1 every layer, k every k-th layer")
+    activation_checkpointing: Annotated[int, Field(ge=0)] | Literal["full", "selective"] = Field(
+        0, description="0 off, 1 or full: every layer, k: every k-th layer, selective: attention cores only")
     enc_depth: int = Field(4, ge=1, description="encoder_decoder: encoder layers")
     enc_dim: int | None = Field(None, ge=1, description="encoder_decoder: encoder width (default dim)")
     fused_loss: bool = Field(True, description="output head + loss fused, chunk by chunk: never the full logits")
@@ -63,6 +64,8 @@ class ParallelSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, gloo on CPU")
     timeout_s: float = Field(600, gt=0, description="collective timeout")
+    sequence_parallel: bool = Field(
+        False, description="tp > 1: split the activations between TP regions along the sequence (Megatron's)")
     stall_timeout_s: float = Field(
         1800, ge=0, description="a rank without progress this long dumps its stacks, status.json says stalled, "
                                 "every rank exits (status 4); 0 disables")
@@ -249,6 +252,14 @@ class Config(Section):
         if self.train.nonfinite == "skip" and self.parallel.zero_stage == 3:
             raise ValueError("train.nonfinite='skip' is not supported with parallel.zero_stage=3 "
                              "(use 'stop', or ZeRO 0-2)")
+        if self.parallel.sequence_parallel and tp > 1:
+            lengths = {"data.seq_len": self.data.seq_len}
+            if m.kind == "encoder_decoder":
+                lengths["data.enc_len"] = self.data.enc_len
+            for key, n in lengths.items():
+                if n % tp:
+                    raise ValueError(f"parallel.sequence_parallel splits the sequence over parallel.tp={tp} ranks: "
+                                     f"{key}={n} must be a multiple of {tp}")
         if self.data.mode == "span" and m.kind != "encoder_decoder":
             raise ValueError("data.mode='span' produces encoder-decoder batches: set model.kind=encoder_decoder")
         if m.kind == "encoder_decoder" and self.data.mode != "span":

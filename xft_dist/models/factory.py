@@ -23,7 +23,8 @@ def build_model(cfg: Config, groups: ParallelGroups, rng: RNGStreams | None, *, 
                     ff_swish=m.ff_swish, use_rmsnorm=m.use_rmsnorm, norm_bias=m.norm_bias, norm_eps=m.norm_eps,
                     rotary_pos_emb=m.rotary_pos_emb,
                     attn_dropout=m.attn_dropout, ff_dropout=m.ff_dropout,
-                    activation_checkpointing=m.activation_checkpointing)
+                    activation_checkpointing=m.activation_checkpointing,
+                    sequence_parallel=cfg.parallel.sequence_parallel)
     init = InitScheme(name=m.init, std=m.init_std, emb_std=m.emb_init_std, head_std=m.head_init_std)
     # The trainer's loader has checked every id against the vocabulary: no host syncs to re-check.
     loss_kw = dict(ignore_index=loss.ignore_index, label_smoothing=loss.label_smoothing, z_loss=loss.z_loss,

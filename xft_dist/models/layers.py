@@ -13,7 +13,7 @@ from torch import nn
 from ..nn import Attention, FeedForward, RotaryEmbedding, checkpoint, document_positions, make_norm
 from ..nn.attention import DocLayout, KVCache
 from ..nn.init import InitScheme
-from ..parallel import ParallelGroups, RNGStreams
+from ..parallel import ParallelGroups, RNGStreams, gather_from_tp, group_size, scatter_to_tp
 from .cache import BlockCache, LayerIntermediates
 
 
@@ -24,7 +24,7 @@ class Block(nn.Module):
         super().__init__()
         attn_kw = dict(heads=heads, dim_head=dim_head, dropout=attn_dropout, group=group, rng=rng,
                        backend=attn_backend, init=init, num_layers=num_layers)
-        norm = dict(rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps)
+        norm = dict(rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps, group=group)
         self.attn_norm = make_norm(dim, **norm)
         self.attn = Attention(dim, kv_heads=kv_heads, causal=causal, **attn_kw)
         if cross_attend:
@@ -37,22 +37,38 @@ class Block(nn.Module):
                               group=group, rng=rng, init=init, num_layers=num_layers)
 
     def forward(self, x, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None, doc_layout=None,
-                context_rotary=None, cache: BlockCache | None = None):
-        x = x + self.attn(self.attn_norm(x), mask=mask, doc_ids=doc_ids, rotary=rotary, doc_layout=doc_layout,
-                          cache=cache.self_attn if cache is not None else None)
+                context_rotary=None, cache: BlockCache | None = None, sp: bool = False, selective: bool = False):
+        """``sp``: ``x`` is this rank's sequence chunk (sequence parallelism); ``selective``: the
+        attention cores are recomputed in the backward."""
+        if cache is not None:
+            x = x + self.attn(self.attn_norm(x), mask=mask, rotary=rotary, cache=cache.self_attn)
+        else:
+            x = x + self.attn(self.attn_norm(x, sequence_parallel=sp), mask=mask, doc_ids=doc_ids, rotary=rotary,
+                              doc_layout=doc_layout, sequence_parallel=sp, recompute_core=selective)
         if self.cross_attn is not None:
             cross_cache = cache.cross_attn if cache is not None else None
             if context is None and (cross_cache is None or cross_cache.k is None):
                 raise ValueError("this stack was built with cross_attend=True: pass context=[b, m, dim_context]")
-            x = x + self.cross_attn(self.cross_norm(x), context=context, context_mask=context_mask, rotary=rotary,
-                                    context_rotary=context_rotary, cache=cross_cache)
-        return x + self.ff(self.ff_norm(x))
+            if cross_cache is not None:
+                x = x + self.cross_attn(self.cross_norm(x), context=context, context_mask=context_mask, rotary=rotary,
+                                        context_rotary=context_rotary, cache=cross_cache)
+            else:
+                x = x + self.cross_attn(self.cross_norm(x, sequence_parallel=sp), context=context,
+                                        context_mask=context_mask, rotary=rotary, context_rotary=context_rotary,
+                                        sequence_parallel=sp, recompute_core=selective)
+        return x + self.ff(self.ff_norm(x, sequence_parallel=sp), sequence_parallel=sp)
 
 
 class AttentionLayers(nn.Module):
     """``depth`` pre-norm blocks and a final norm, tensor-parallel over ``groups.tp_group``.
 
-    ``activation_checkpointing``: 0 off, 1 every layer, k every k-th layer (layers 0, k, 2k, ...).
+    ``activation_checkpointing``: 0 off, 1 (or ``"full"``) every layer, k every k-th layer (layers 0,
+    k, 2k, ...), ``"selective"`` only the attention cores (scores, softmax, dropout, weighted values:
+    the activations that grow with n^2 / heads), in every layer.
+    ``sequence_parallel``: at TP > 1, activations between the TP regions (residual stream, norms) are
+    split along the sequence over the TP ranks (Megatron's sequence parallelism): the stack takes
+    and returns full ``[b, n, dim]``, splits on entry and all-gathers on exit. Calls whose length
+    does not divide by TP, and cached decoding, run without it (same results).
     ``rng`` (from ``xft_dist.parallel.seed_all``) is required for dropout at TP > 1.
     ``norm_bias=False``: LayerNorms without a bias (x-transformers' LayerNorm); ``norm_eps``: the
     norms' epsilon (x-transformers' RMSNorm has none, i.e. 0).
@@ -83,7 +99,8 @@ class AttentionLayers(nn.Module):
         rotary_emb_dim: int | None = None,
         rotary_theta: float = 10000.0,
         attn_backend: str = "auto",
-        activation_checkpointing: int = 0,
+        activation_checkpointing: int | str = 0,
+        sequence_parallel: bool = False,
         init: str | InitScheme | None = None,
         groups: ParallelGroups | None = None,
         rng: RNGStreams | None = None,
@@ -97,9 +114,7 @@ class AttentionLayers(nn.Module):
         del attn_flash
         if depth < 1:
             raise ValueError(f"depth={depth}: expected at least one layer")
-        if activation_checkpointing < 0:
-            raise ValueError(f"activation_checkpointing={activation_checkpointing}: expected 0 (off), "
-                             "1 (every layer) or k (every k-th layer)")
+        activation_checkpointing = checkpoint_every(activation_checkpointing)
         self.groups = groups or ParallelGroups.single()
         self.rng = rng
         self.dim, self.depth, self.heads, self.causal = dim, depth, heads, causal
@@ -108,6 +123,7 @@ class AttentionLayers(nn.Module):
         self.dim_context = cross_attn_dim_context or dim
         self.ff_inner, self.ff_glu = int(dim * ff_mult), ff_glu
         self.activation_checkpointing = activation_checkpointing
+        self.sequence_parallel = bool(sequence_parallel)
         self.init = InitScheme.of(init)
         self.rotary = RotaryEmbedding(rotary_emb_dim or attn_dim_head, theta=rotary_theta) if rotary_pos_emb else None
         self.layers = nn.ModuleList(
@@ -118,7 +134,7 @@ class AttentionLayers(nn.Module):
                   init=self.init, num_layers=depth, norm_bias=norm_bias, norm_eps=norm_eps)
             for _ in range(depth)
         )
-        self.final_norm = make_norm(dim, rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps)
+        self.final_norm = make_norm(dim, rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps, group=self.groups.tp_group)
 
     def forward(
         self,
@@ -178,22 +194,44 @@ class AttentionLayers(nn.Module):
             x = x[:, start:]
         hiddens = []
         k = self.activation_checkpointing
+        selective = k == "selective"
+        group = self.groups.tp_group
+        sp = (self.sequence_parallel and not caching and group_size(group) > 1
+              and x.shape[1] % group_size(group) == 0)
+        if sp:
+            x = scatter_to_tp(x, group, dim=1)
         for i, layer in enumerate(self.layers):
             if caching:
                 hiddens.append(x)
                 x = layer(x, mask, context, context_mask, None, rotary, None, context_rotary, inter.attn_cache[i])
                 continue
-            args = (x, mask, context, context_mask, doc_ids, rotary, doc_layout, context_rotary)
-            if k and i % k == 0 and torch.is_grad_enabled():
+            args = (x, mask, context, context_mask, doc_ids, rotary, doc_layout, context_rotary, None, sp, selective)
+            if not selective and k and i % k == 0 and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, rng=self.rng)
             else:
                 x = layer(*args)
+        if sp:
+            return gather_from_tp(self.final_norm(x, sequence_parallel=True), group, dim=1)
         out = self.final_norm(x)
         if not caching:
             return out
         inter.hiddens, inter.last_hidden = [*hiddens, x], out
         inter.cache_length = start + x.shape[1]
         return out, inter
+
+
+def checkpoint_every(value: int | str | bool) -> int | str:
+    """``activation_checkpointing`` as the stack uses it: 0 off, k every k-th layer, "selective"."""
+    if value is True or value == "full":
+        return 1
+    if value is False or value is None:
+        return 0
+    if value == "selective":
+        return value
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise ValueError(f"activation_checkpointing={value!r}: expected 0 (off), 1 or 'full' (every layer), "
+                     "k (every k-th layer) or 'selective' (attention cores only)")
 
 
 def _rows(positions: torch.Tensor, b: int) -> torch.Tensor:

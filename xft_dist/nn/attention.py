@@ -30,7 +30,8 @@ from einops import rearrange
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..parallel import RNGStreams, group_size
+from ..parallel import RNGStreams, copy_to_tp, enter_tp, group_size
+from .checkpoint import checkpoint
 from .init import InitScheme
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import fork, split_region_rng
@@ -198,6 +199,7 @@ class Attention(nn.Module):
         self.to_out = RowParallelLinear(inner, dim, bias=bias, group=group, bias_init=init.bias(inner),
                                         init_method=init.output(inner, dim=dim, num_layers=num_layers))
         self.rng = split_region_rng(rng, group, dropout, "Attention")
+        self.group = group
 
     def forward(
         self,
@@ -211,6 +213,8 @@ class Attention(nn.Module):
         doc_layout: DocLayout | None = None,
         context_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        sequence_parallel: bool = False,
+        recompute_core: bool = False,
     ) -> torch.Tensor:
         """``x [b, n, dim]`` -> ``[b, n, dim]``. Self-attention masks keys with ``mask [b, n]``
         and documents with ``doc_ids``; cross-attention reads ``context [b, m, dim_context]`` with
@@ -220,15 +224,24 @@ class Attention(nn.Module):
 
         ``cache``: cached decoding. Self-attention appends this call's keys and values to it and
         attends over all of them (``mask [b, cached + n]`` then covers every key; the ``n`` queries
-        are the last positions); cross-attention fills it from ``context`` once and reuses it."""
+        are the last positions); cross-attention fills it from ``context`` once and reuses it.
+
+        ``sequence_parallel=True``: ``x`` is this rank's sequence chunk ``[b, n / tp, dim]`` (and so is
+        the output); it is all-gathered on entry and the output reduce-scattered. ``recompute_core``:
+        the attention core (scores, softmax, dropout, weighted values) is recomputed in the backward
+        instead of keeping its activations (selective activation checkpointing).
+
+        The queries' input enters the TP region once for q, k and v (self-attention), and the context
+        once for k and v (cross-attention): one backward all-reduce each."""
         if cache is not None:
             return self._cached(x, cache, context=context, mask=mask, context_mask=context_mask,
                                 rotary=rotary, context_rotary=context_rotary, doc_ids=doc_ids)
         cross = context is not None
-        kv_in = context if cross else x
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.to_k(kv_in), "b m (g d) -> b g m d", g=self.kv_heads)
-        v = rearrange(self.to_v(kv_in), "b m (g d) -> b g m d", g=self.kv_heads)
+        x = enter_tp(x, self.group, sequence_parallel)
+        kv_in = copy_to_tp(context, self.group) if cross else x
+        q = rearrange(self.to_q(x, tp_input=True), "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(self.to_k(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
+        v = rearrange(self.to_v(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
         if rotary is not None and not cross:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         elif cross and rotary is not None and context_rotary is not None:
@@ -239,12 +252,26 @@ class Attention(nn.Module):
         varlen = not cross and key_mask is None and (doc_layout is not None or doc_ids is not None)
         if varlen and self.backend != "sdpa":
             layout = doc_layout or DocLayout.from_doc_ids(doc_ids)
-            with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
-                out = self._varlen(q, k, v, layout, causal, dropout_p)
-            return self.to_out(rearrange(out, "(b n) h d -> b n (h d)", b=q.shape[0]))
+            core = functools.partial(self._varlen_core, layout=layout, causal=causal, dropout_p=dropout_p)
+            pattern = "(b n) h d -> b n (h d)"
+        else:
+            core = functools.partial(self._sdpa_core, causal=causal, key_mask=key_mask,
+                                     doc_ids=None if cross else doc_ids, dropout_p=dropout_p)
+            pattern = "b h n d -> b n (h d)"
+        if recompute_core and torch.is_grad_enabled():
+            out = checkpoint(core, q, k, v, rng=self.rng if dropout_p > 0 else None)
+        else:
+            out = core(q, k, v)
+        out = rearrange(out, pattern, b=q.shape[0])
+        return self.to_out(out, sequence_parallel=sequence_parallel)
+
+    def _varlen_core(self, q, k, v, *, layout, causal, dropout_p):
         with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
-            out = self._sdpa(q, k, v, causal, key_mask, None if cross else doc_ids, dropout_p)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+            return self._varlen(q, k, v, layout, causal, dropout_p)
+
+    def _sdpa_core(self, q, k, v, *, causal, key_mask, doc_ids, dropout_p):
+        with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
+            return self._sdpa(q, k, v, causal, key_mask, doc_ids, dropout_p)
 
     def _cached(self, x, cache: KVCache, *, context, mask, context_mask, rotary, context_rotary, doc_ids):
         if doc_ids is not None:

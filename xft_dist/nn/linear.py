@@ -4,6 +4,12 @@ Column: ``W [out, in]`` split by rows, so each rank computes ``out / tp`` output
 Row:    ``W [out, in]`` split by columns; each rank holds ``in / tp`` input features and the
 partial products are summed over the TP group. Column -> Row needs one all-reduce in forward and
 one in backward.
+
+Several column-parallel layers reading one input (attention's q, k, v; a GLU's gate and up) enter
+the region once: ``x = enter_tp(x, group)`` then ``layer(x, tp_input=True)`` on each, so the
+backward sums the input's gradient over the TP ranks once, not once per layer. Under sequence
+parallelism the entry is the sequence all-gather and the row-parallel exit
+(``sequence_parallel=True``) a reduce-scatter.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..parallel import copy_to_tp, gather_from_tp, group_size, reduce_from_tp, scatter_to_tp
+from ..parallel import copy_to_tp, gather_from_tp, group_size, leave_tp, scatter_to_tp
 from .init import InitMethod, normal_init, zeros_init
 from .sharding import divide, sharded_parameter
 
@@ -53,8 +59,10 @@ class ColumnParallelLinear(nn.Module):
             if bias else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+    def forward(self, x: torch.Tensor, *, tp_input: bool = False) -> torch.Tensor:
+        """``tp_input=True``: ``x`` has already entered the TP region (``enter_tp``), shared with
+        other column-parallel layers; otherwise it enters here (``copy_to_tp``)."""
+        y = F.linear(x if tp_input else copy_to_tp(x, self.group), self.weight, self.bias)
         return gather_from_tp(y, self.group, dim=-1) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -99,11 +107,15 @@ class RowParallelLinear(nn.Module):
             (bias_init or zeros_init)(full)
             self.bias = nn.Parameter(full.to(dtype=dtype or torch.get_default_dtype(), device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel=True``: the output is reduce-scattered along the sequence (dim 1), each
+        rank keeping its chunk; the bias's gradient, from that chunk alone, is summed over TP."""
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group, dim=-1)
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
-        return y + self.bias if self.bias is not None else y
+        y = leave_tp(F.linear(x, self.weight), self.group, sequence_parallel)
+        if self.bias is None:
+            return y
+        return y + (copy_to_tp(self.bias, self.group) if sequence_parallel else self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

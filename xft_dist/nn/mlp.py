@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..parallel import RNGStreams, group_size
+from ..parallel import RNGStreams, enter_tp, group_size
 from .init import InitScheme
 from .linear import ColumnParallelLinear, RowParallelLinear
 
@@ -29,7 +29,8 @@ def fork(rng: RNGStreams | None):
 class FeedForward(nn.Module):
     """``down(act(up(x)))``; with ``glu=True`` ``down(act(gate(x)) * up(x))`` (SwiGLU with ``swish``).
 
-    Up and gate are separate column-parallel layers, so every TP rank holds matching halves of a GLU.
+    Up and gate are separate column-parallel layers, so every TP rank holds matching halves of a GLU;
+    they share one entry into the TP region (one backward all-reduce of the input, not two).
     """
 
     def __init__(
@@ -58,10 +59,17 @@ class FeedForward(nn.Module):
         self.act = F.silu if swish else F.gelu
         self.dropout = dropout
         self.rng = split_region_rng(rng, group, dropout, "FeedForward")
+        self.group = group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
+    def forward(self, x: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
+        """``x [b, n, dim]``; with ``sequence_parallel=True`` this rank's sequence chunk
+        ``[b, n / tp, dim]`` in and out (all-gathered on entry, reduce-scattered on exit)."""
+        x = enter_tp(x, self.group, sequence_parallel)
+        if self.gate is not None:
+            h = self.act(self.gate(x, tp_input=True)) * self.up(x, tp_input=True)
+        else:
+            h = self.act(self.up(x, tp_input=True))
         if self.dropout > 0 and self.training:
             with fork(self.rng):  # hidden units are split over TP ranks: TP-distinct masks
                 h = F.dropout(h, self.dropout, training=True)
-        return self.down(h)
+        return self.down(h, sequence_parallel=sequence_parallel)

@@ -1,6 +1,8 @@
 """Tensor x data parallelism: process groups, every collective (``comm``), and RNG streams."""
 
 from .comm import (
+                   CollectiveLedger,
+                   CollectiveRecord,
                    all_gather,
                    all_gather_object,
                    all_reduce,
@@ -9,12 +11,16 @@ from .comm import (
                    barrier,
                    broadcast,
                    copy_to_tp,
+                   enter_tp,
                    gather_from_tp,
+                   gather_seq_to_tp,
                    group_device,
                    group_rank,
                    group_size,
+                   leave_tp,
                    reduce_from_tp,
                    reduce_scatter,
+                   reduce_scatter_seq,
                    reduce_values,
                    scatter_to_tp,
 )
@@ -33,7 +39,8 @@ __all__ = [
     "ParallelGroups", "DeepSpeedMPU",
     "copy_to_tp", "reduce_from_tp", "scatter_to_tp", "gather_from_tp", "group_size", "group_rank",
     "group_device", "all_reduce", "all_reduce_", "all_gather", "all_gather_object", "reduce_scatter", "broadcast",
-    "barrier", "reduce_values", "any_rank",
+    "barrier", "reduce_values", "any_rank", "enter_tp", "leave_tp", "gather_seq_to_tp", "reduce_scatter_seq",
+    "CollectiveLedger", "CollectiveRecord",
     "RNGStreams", "TP_STREAM", "seed_all", "capture_rng_state", "restore_rng_state", "rng_state_to_tensors",
     "rng_state_from_tensors",
 ]

@@ -21,6 +21,19 @@ forward of the other)::
     scatter_to_tp  forward: keep own chunk     backward: all-gather
     gather_from_tp forward: all-gather         backward: keep own chunk
 
+and the pair that sequence parallelism uses at a TP region's edges, along the sequence (dim 1)::
+
+    gather_seq_to_tp     forward: all-gather        backward: reduce-scatter
+    reduce_scatter_seq   forward: reduce-scatter    backward: all-gather
+
+``enter_tp`` / ``leave_tp`` pick a region's entry and exit: ``copy_to_tp`` / ``reduce_from_tp``, or
+with ``sequence_parallel=True`` the sequence pair above.
+
+The collective ledger (``CollectiveLedger``) records every collective made here while it is active:
+kind, group size, bytes, the phase (forward, backward, or a forward replayed in the backward by
+activation checkpointing: recompute) and the module it was made for. ``tools/bench.py --mode comm``
+prints it; ``tests/distributed/test_comm_ledger.py`` holds the models to the analytical minimum.
+
 ``group=None`` (or a group of size 1) makes every collective on a group the identity. The
 exceptions are ``barrier``, ``all_gather_object`` and ``any_rank``/``reduce_values`` with
 ``group=None``, which mean the whole world when one is initialised.
@@ -28,7 +41,11 @@ exceptions are ``barrier``, ``all_gather_object`` and ``any_rank``/``reduce_valu
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +53,134 @@ from torch.distributed import ProcessGroup
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
         "product": dist.ReduceOp.PRODUCT}
+
+
+# ---------------------------------------------------------------------------------------------
+# The collective ledger
+
+_LOCAL = threading.local()  # .ledger: the active CollectiveLedger; .scope: module name; .role: fwd / bwd
+
+
+@dataclass(frozen=True)
+class CollectiveRecord:
+    """One collective: ``kind`` (all_reduce, all_gather, reduce_scatter, broadcast), the group's
+    size, the bytes of one rank's input, ``phase`` (forward, backward, recompute), the module
+    (``scope``, a qualified name such as ``net.attn_layers.layers.0.attn``) and the tensor shape."""
+
+    kind: str
+    group_size: int
+    bytes: int
+    phase: str
+    scope: str
+    shape: tuple[int, ...]
+
+    @property
+    def layer(self) -> str:
+        """The stack and layer the record belongs to (``encoder.layers.1``), or its scope outside any layer."""
+        m = re.search(r"(?:^|\.)((?:[\w.]*?\.)?layers\.\d+)", self.scope)
+        return m.group(1) if m else self.scope
+
+
+@dataclass
+class CollectiveLedger:
+    """Records each collective of ``comm`` on this thread while active (``with CollectiveLedger() as led``).
+
+    ``watch(module)`` names records after the innermost module running when the collective (or, for a
+    backward collective, the forward it belongs to) was made. Collectives on groups of size 1 are
+    identities and not recorded."""
+
+    records: list[CollectiveRecord] = field(default_factory=list)
+    _hooks: list = field(default_factory=list)
+
+    def __enter__(self) -> "CollectiveLedger":
+        if getattr(_LOCAL, "ledger", None) is not None:
+            raise RuntimeError("a CollectiveLedger is already recording on this thread")
+        _LOCAL.ledger = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _LOCAL.ledger = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def watch(self, module: torch.nn.Module, prefix: str = "") -> "CollectiveLedger":
+        for name, sub in module.named_modules(prefix=prefix):
+            self._hooks.append(sub.register_forward_pre_hook(_push_scope(name or type(sub).__name__)))
+            self._hooks.append(sub.register_forward_hook(_pop_scope, always_call=True))
+        return self
+
+    def select(self, *, min_bytes: int = 0, phase: str | None = None,
+               kind: str | None = None) -> list[CollectiveRecord]:
+        return [r for r in self.records if r.bytes >= min_bytes and (phase is None or r.phase == phase)
+                and (kind is None or r.kind == kind)]
+
+    def table(self, *, min_bytes: int = 0) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """``{(layer, phase, kind): (count, bytes)}`` over the records of at least ``min_bytes``."""
+        out: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for r in self.select(min_bytes=min_bytes):
+            c, b = out.get((r.layer, r.phase, r.kind), (0, 0))
+            out[(r.layer, r.phase, r.kind)] = (c + 1, b + r.bytes)
+        return out
+
+
+def _push_scope(name: str):
+    def hook(module, args):
+        stack = getattr(_LOCAL, "scopes", None)
+        if stack is None:
+            stack = _LOCAL.scopes = []
+        stack.append(name)
+    return hook
+
+
+def _pop_scope(module, args, output):
+    stack = getattr(_LOCAL, "scopes", None)
+    if stack:
+        stack.pop()
+
+
+def current_scope() -> str:
+    """The module running now (as named by an active ledger's ``watch``), or ""."""
+    stack = getattr(_LOCAL, "scopes", None)
+    return stack[-1] if stack else ""
+
+
+@contextlib.contextmanager
+def in_scope(scope: str, role: str | None = None) -> Iterator[None]:
+    """Attribute the collectives made inside to ``scope`` (a backward replaying its forward's
+    module), as ``role`` ("forward" or "backward") where given."""
+    stack = getattr(_LOCAL, "scopes", None)
+    if stack is None:
+        stack = _LOCAL.scopes = []
+    old_role = getattr(_LOCAL, "role", None)
+    stack.append(scope)
+    if role is not None:
+        _LOCAL.role = role
+    try:
+        yield
+    finally:
+        stack.pop()
+        _LOCAL.role = old_role
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _note(kind: str, x: torch.Tensor, group: ProcessGroup | None) -> None:
+    led = getattr(_LOCAL, "ledger", None)
+    if led is None:
+        return
+    role = getattr(_LOCAL, "role", None)
+    if role == "backward":
+        phase = "backward"
+    elif role == "forward":
+        phase = "recompute" if _in_backward() else "forward"
+    else:
+        phase = "backward" if _in_backward() else "forward"
+    size = group_size(group) if group is not None else (dist.get_world_size() if world_initialized() else 1)
+    led.records.append(CollectiveRecord(kind, size, x.numel() * x.element_size(), phase, current_scope(),
+                                        tuple(x.shape)))
 
 
 def world_initialized() -> bool:
@@ -93,6 +238,7 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None, *, op: str | dist.Re
     """The reduction of ``x`` over ``group``, on ``x``'s device; ``x`` itself is not modified."""
     if group_size(group) == 1:
         return x
+    _note("all_reduce", x, group)
     y = _place(x, group)
     dist.all_reduce(y, op=_op(op), group=group)
     return y.to(x.device)
@@ -105,6 +251,7 @@ def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, *, op: str | dist.R
         return x
     device = group_device(group)
     if x.is_contiguous() and (device is None or x.device == device):
+        _note("all_reduce", x, group)
         dist.all_reduce(x, op=_op(op), group=group)
         return x
     return x.copy_(all_reduce(x, group, op=op))
@@ -125,6 +272,7 @@ def reduce_values(values: Sequence[float] | torch.Tensor, group: ProcessGroup | 
     if group is None and dist.get_world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=group_device(group) or "cpu")
+    _note("all_reduce", t, group)
     dist.all_reduce(t, op=_op(op), group=group)
     return t.tolist()
 
@@ -139,6 +287,7 @@ def all_gather(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = -1) ->
     size = group_size(group)
     if size == 1:
         return x
+    _note("all_gather", x, group)
     y = _place(x, group)
     parts = [torch.empty_like(y) for _ in range(size)]
     dist.all_gather(parts, y, group=group)
@@ -153,6 +302,7 @@ def reduce_scatter(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = 0,
         return x
     if x.shape[dim] % size:
         raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {size} ranks")
+    _note("reduce_scatter", x, group)
     y = _place(x, group)
     parts = [p.contiguous() for p in y.chunk(size, dim=dim)]
     out = torch.empty_like(parts[0])
@@ -166,6 +316,7 @@ def broadcast(x: torch.Tensor, group: ProcessGroup | None, *, src: int = 0) -> t
         return x
     if group is None and (not world_initialized() or dist.get_world_size() == 1):
         return x
+    _note("broadcast", x, group)
     y = _place(x, group)
     dist.broadcast(y, src=src, group=group)
     return y.to(x.device)
@@ -213,47 +364,85 @@ def _split(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tenso
     return x.chunk(size, dim=dim)[group_rank(group)].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
+class _Region(torch.autograd.Function):
+    """Base of the region collectives: the forward runs as "forward" (a recompute when replayed in
+    the backward), the backward as "backward" in the forward's module scope."""
+
+    @staticmethod
+    def _fwd(ctx, fn, *args, **kwargs):
+        ctx.scope = current_scope()
+        with in_scope(ctx.scope, "forward"):
+            return fn(*args, **kwargs)
+
+    @staticmethod
+    def _bwd(ctx, fn, *args, **kwargs):
+        with in_scope(ctx.scope, "backward"):
+            return fn(*args, **kwargs)
+
+
+class _CopyToTP(_Region):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
+        ctx.group, ctx.scope = group, current_scope()
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad, ctx.group), None
+        return _Region._bwd(ctx, all_reduce, grad, ctx.group), None
 
 
-class _ReduceFromTP(torch.autograd.Function):
+class _ReduceFromTP(_Region):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x, group)
+        return _Region._fwd(ctx, all_reduce, x, group)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-class _ScatterToTP(torch.autograd.Function):
+class _ScatterToTP(_Region):
     @staticmethod
     def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
+        ctx.group, ctx.dim, ctx.scope = group, dim, current_scope()
         return _split(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return all_gather(grad, ctx.group, dim=ctx.dim), None, None
+        return _Region._bwd(ctx, all_gather, grad, ctx.group, dim=ctx.dim), None, None
 
 
-class _GatherFromTP(torch.autograd.Function):
+class _GatherFromTP(_Region):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return all_gather(x, group, dim=dim)
+        return _Region._fwd(ctx, all_gather, x, group, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
         return _split(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherSeq(_Region):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _Region._fwd(ctx, all_gather, x, group, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Region._bwd(ctx, reduce_scatter, grad, ctx.group, dim=ctx.dim), None, None
+
+
+class _ReduceScatterSeq(_Region):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _Region._fwd(ctx, reduce_scatter, x, group, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Region._bwd(ctx, all_gather, grad, ctx.group, dim=ctx.dim), None, None
 
 
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -282,3 +471,32 @@ def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -
     if group_size(group) == 1:
         return x
     return _GatherFromTP.apply(x, group, dim)
+
+
+SEQ_DIM = 1  # activations are [b, n, d]: sequence parallelism splits n
+
+
+def gather_seq_to_tp(x: torch.Tensor, group: ProcessGroup | None, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Enter a TP region from sequence-parallel activations: all-gather the sequence chunks;
+    gradients are reduce-scattered back (summed over the TP ranks, each keeping its chunk)."""
+    if group_size(group) == 1:
+        return x
+    return _GatherSeq.apply(x, group, dim)
+
+
+def reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup | None, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Leave a TP region into sequence-parallel activations: sum the partial results and keep this
+    rank's chunk of the sequence; gradients are all-gathered."""
+    if group_size(group) == 1:
+        return x
+    return _ReduceScatterSeq.apply(x, group, dim)
+
+
+def enter_tp(x: torch.Tensor, group: ProcessGroup | None, sequence_parallel: bool = False) -> torch.Tensor:
+    """A TP region's input: ``copy_to_tp``, or the sequence all-gather under sequence parallelism."""
+    return gather_seq_to_tp(x, group) if sequence_parallel else copy_to_tp(x, group)
+
+
+def leave_tp(x: torch.Tensor, group: ProcessGroup | None, sequence_parallel: bool = False) -> torch.Tensor:
+    """A TP region's output: ``reduce_from_tp``, or the sequence reduce-scatter under sequence parallelism."""
+    return reduce_scatter_seq(x, group) if sequence_parallel else reduce_from_tp(x, group)
