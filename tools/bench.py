@@ -7,6 +7,8 @@
     python tools/bench.py --mode converge --dim 192 --depth 4 --heads 6 --lr 2e-3   # loss curves, same batches
     python tools/bench.py --mode loss --tokens 8192 --dim 1024 --vocab 32768       # fused head + loss vs unfused
     python tools/bench.py --mode attention --seq 8192 --docs 8                       # packed (varlen) attention
+    python tools/bench.py --mode memory --seq 2048 --batch 1       # sequence parallel / recomputation memory
+    python tools/bench.py --mode comm --seq 128 --batch 1          # the collective ledger vs the minimum
 
 Each implementation runs in its own subprocess (so peak memory is its own): ``warmup`` steps, then
 ``steps`` timed steps of forward + next-token loss + backward + AdamW. Prints tokens/s, step time,
@@ -31,7 +33,8 @@ IMPLS = ("xft", "x-transformers")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["model", "data", "converge", "loss", "attention"], default="model")
+    p.add_argument("--mode", default="model",
+                   choices=["model", "data", "converge", "loss", "attention", "memory", "comm"])
     p.add_argument("--tokens", type=int, default=8192, help="loss mode: tokens")
     p.add_argument("--docs", type=int, default=8, help="attention mode: documents per row")
     p.add_argument("--tp", type=int, default=1, help="loss mode: tensor-parallel ranks (gloo processes)")
@@ -315,6 +318,10 @@ def main(argv=None) -> int:
         return 0
     if a.mode == "data":
         return bench_data(a)
+    if a.mode in ("memory", "comm"):
+        from bench_parallel import bench_comm, bench_memory  # tools/bench_parallel.py
+
+        return bench_memory(a) if a.mode == "memory" else bench_comm(a)
     if a.mode in ("loss", "attention"):
         from bench_kernels import kernels, run_variant  # tools/bench_kernels.py
 

@@ -10,7 +10,9 @@ Megatron's accounting, per pre-norm block at TP > 1 (one forward + loss + backwa
 - with sequence parallelism the entry is an all-gather of the ``[b, n / tp, d]`` chunks (forward)
   and a reduce-scatter of ``[b, n, d]`` (backward); the exit a reduce-scatter (forward) and an
   all-gather (backward). The context is not split (it is another stack's output), so its entry stays
-  an all-reduce.
+  an all-reduce. The column-parallel layers keep only the chunk of their gathered input for the
+  backward and all-gather it there once more (Megatron's trade of one all-gather per region for a
+  ``[b, n, d]`` of memory); not in a checkpointed layer, whose recompute gathers it anyway.
 - a layer recomputed by activation checkpointing makes its forward collectives again in the
   backward (phase "recompute"), all but the last region's exit: nothing inside the layer keeps that
   output, and torch's checkpoint stops recomputing once it holds what the backward needs.
@@ -58,14 +60,16 @@ def _stack(table: Table, stack: AttentionLayers, prefix: str, *, batch: int, seq
         name = f"{prefix}.layers.{i}"
         forward = [("all_gather", regions, chunk), ("reduce_scatter", regions, act)] if sp else \
             [("all_reduce", regions, act)]
-        backward = [("reduce_scatter", regions, act), ("all_gather", regions, chunk)] if sp else \
+        recomputed = every != "selective" and every and i % every == 0
+        regather = 0 if recomputed else regions
+        backward = [("reduce_scatter", regions, act), ("all_gather", regions + regather, chunk)] if sp else \
             [("all_reduce", regions, act)]
         if context is not None:
             backward.append(("all_reduce", 1, batch * context[0] * context[1] * elem))
         exit_kind = "reduce_scatter" if sp else "all_reduce"
         for kind, n, nbytes in forward:
             _add(table, (name, "forward", kind), n, nbytes)
-            if every != "selective" and every and i % every == 0:
+            if recomputed:
                 _add(table, (name, "recompute", kind), n - (kind == exit_kind), nbytes)
         for kind, n, nbytes in backward:
             _add(table, (name, "backward", kind), n, nbytes)

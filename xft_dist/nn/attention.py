@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..parallel import RNGStreams, copy_to_tp, enter_tp, group_size
+from ..parallel import RNGStreams, copy_to_tp, group_size, tp_region_input
 from .checkpoint import checkpoint
 from .init import InitScheme
 from .linear import ColumnParallelLinear, RowParallelLinear
@@ -237,11 +237,15 @@ class Attention(nn.Module):
             return self._cached(x, cache, context=context, mask=mask, context_mask=context_mask,
                                 rotary=rotary, context_rotary=context_rotary, doc_ids=doc_ids)
         cross = context is not None
-        x = enter_tp(x, self.group, sequence_parallel)
-        kv_in = copy_to_tp(context, self.group) if cross else x
-        q = rearrange(self.to_q(x, tp_input=True), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.to_k(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
-        v = rearrange(self.to_v(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
+        with tp_region_input(x, self.group, sequence_parallel) as x:
+            q = rearrange(self.to_q(x, tp_input=True), "b n (h d) -> b h n d", h=self.heads)
+            if not cross:
+                k = rearrange(self.to_k(x, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
+                v = rearrange(self.to_v(x, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
+        if cross:  # the context (another stack's output, never sequence-split) enters once for k and v
+            kv_in = copy_to_tp(context, self.group)
+            k = rearrange(self.to_k(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
+            v = rearrange(self.to_v(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
         if rotary is not None and not cross:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         elif cross and rotary is not None and context_rotary is not None:

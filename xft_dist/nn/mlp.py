@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..parallel import RNGStreams, enter_tp, group_size
+from ..parallel import RNGStreams, group_size, tp_region_input
 from .init import InitScheme
 from .linear import ColumnParallelLinear, RowParallelLinear
 
@@ -64,11 +64,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
         """``x [b, n, dim]``; with ``sequence_parallel=True`` this rank's sequence chunk
         ``[b, n / tp, dim]`` in and out (all-gathered on entry, reduce-scattered on exit)."""
-        x = enter_tp(x, self.group, sequence_parallel)
-        if self.gate is not None:
-            h = self.act(self.gate(x, tp_input=True)) * self.up(x, tp_input=True)
-        else:
-            h = self.act(self.up(x, tp_input=True))
+        with tp_region_input(x, self.group, sequence_parallel) as x:
+            gate = self.gate(x, tp_input=True) if self.gate is not None else None
+            up = self.up(x, tp_input=True)
+        h = self.act(gate) * up if gate is not None else self.act(up)
         if self.dropout > 0 and self.training:
             with fork(self.rng):  # hidden units are split over TP ranks: TP-distinct masks
                 h = F.dropout(h, self.dropout, training=True)

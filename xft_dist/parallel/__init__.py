@@ -23,6 +23,7 @@ from .comm import (
                    reduce_scatter_seq,
                    reduce_values,
                    scatter_to_tp,
+                   tp_region_input,
 )
 from .groups import DeepSpeedMPU, ParallelGroups
 from .random import (
@@ -40,6 +41,7 @@ __all__ = [
     "copy_to_tp", "reduce_from_tp", "scatter_to_tp", "gather_from_tp", "group_size", "group_rank",
     "group_device", "all_reduce", "all_reduce_", "all_gather", "all_gather_object", "reduce_scatter", "broadcast",
     "barrier", "reduce_values", "any_rank", "enter_tp", "leave_tp", "gather_seq_to_tp", "reduce_scatter_seq",
+    "tp_region_input",
     "CollectiveLedger", "CollectiveRecord",
     "RNGStreams", "TP_STREAM", "seed_all", "capture_rng_state", "restore_rng_state", "rng_state_to_tensors",
     "rng_state_from_tensors",
