@@ -68,3 +68,20 @@ def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them
         assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
     before = _last_losses(logged[1])  # steps 1-6 of the log run: no spike yet, no skip
     assert got[5] != pytest.approx(before[5], rel=1e-3)  # the skip changed the data
+
+
+def test_skip_action_discards_the_update_like_a_run_that_never_saw_the_batch(work, logged):
+    log, rows = _run(work, "skip", "train.spike.action=skip", fault="spike:1:7:50")
+    assert "step 7: loss spike: loss" in log and "update skipped" in log, log[-3000:]
+    assert [r["step"] for r in rows if r.get("spike")] == [7]
+    assert next(r for r in rows if r["step"] == 7)["spike/skipped"] == 1
+    got = _last_losses(rows)
+    # the same 6 steps as the log run (no spike yet); step 7's loss is the spiked one
+    before = _last_losses(logged[1])
+    assert [got[s] for s in range(1, 7)] == pytest.approx([before[s] for s in range(1, 7)], rel=1e-6)
+    # After the skipped step the weights, optimizer and schedule are those after step 6 and the data
+    # moved one batch on: the run that skips that batch's data is one step ahead.
+    _, clean = _run(work, "clean_skip1", "train.skip_data=[[6, 1]]")
+    want = _last_losses(clean)
+    for step in range(8, STEPS + 1):
+        assert got[step] == pytest.approx(want[step - 1], rel=1e-6), (step, got, want)

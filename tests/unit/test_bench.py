@@ -55,3 +55,25 @@ def test_gpu_smoke_without_a_gpu_says_what_to_install():
                          timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "CPU build" in out.stderr or "sees no GPU" in out.stderr, out.stderr
+
+
+def test_bench_comm_mode_prints_the_ledger_at_the_minimum():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--mode", "comm", "--dim", "32",
+                          "--depth", "2", "--heads", "4", "--vocab", "128", "--seq", "16", "--batch", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    totals = [line for line in out.stdout.splitlines() if line.startswith("total")]
+    assert len(totals) == 3, out.stdout  # TP=2, with sequence parallelism, with full recomputation
+    assert all("count 1.00, bytes 1.00" in line for line in totals), out.stdout
+    assert "net.attn_layers.layers.1" in out.stdout and "reduce_scatter" in out.stdout, out.stdout
+
+
+def test_bench_memory_mode_prints_activation_memory_ratios():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--mode", "memory", "--dim", "64",
+                          "--depth", "2", "--heads", "4", "--vocab", "128", "--seq", "256", "--batch", "1",
+                          "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line[:28].strip(): line[28:].split() for line in out.stdout.splitlines()[2:] if line.strip()}
+    assert float(rows["TP=2 + sequence parallel"][2]) < 1.0, out.stdout  # the residual stream is split
+    assert float(rows["TP=1 full"][2]) < 0.5, out.stdout
+    assert float(rows["TP=1 padding mask selective"][2]) < 1.0, out.stdout

@@ -95,7 +95,8 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": cfg.train.steps, "warmup_num_steps": s.warmup_steps,
             "warmup_min_ratio": 0.0, "cos_min_ratio": s.min_lr_ratio, "warmup_type": "linear"}},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # train.spike.action=skip discards an update through the optimizer's overflow check: keep it on
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": cfg.train.precision == "fp16"},
         "zero_optimization": {"stage": cfg.parallel.zero_stage, **zero_comm(cfg)},
         "steps_per_print": 10**9,

@@ -136,8 +136,9 @@ class DataSection(Section):
 
 
 class SpikeSection(Section):
-    action: Literal["log", "rollback"] = Field(
-        "log", description="on a loss / grad-norm spike: log it, or reload the last checkpoint and skip data")
+    action: Literal["log", "skip", "rollback"] = Field(
+        "log", description="on a loss / grad-norm spike: log it, skip the update (loss spikes; counted), or reload "
+                           "the last checkpoint and skip data")
     zscore: float = Field(6.0, gt=0, description="a value this many standard deviations above the window's mean")
     ratio: float | None = Field(None, gt=1, description="or above this many times the window's mean")
     window: int = Field(100, ge=2, description="accepted steps the mean and deviation are taken over")
@@ -260,6 +261,9 @@ class Config(Section):
                 if n % tp:
                     raise ValueError(f"parallel.sequence_parallel splits the sequence over parallel.tp={tp} ranks: "
                                      f"{key}={n} must be a multiple of {tp}")
+        if self.train.spike.action == "skip" and self.parallel.zero_stage == 0:
+            raise ValueError("train.spike.action='skip' discards updates through the ZeRO optimizer's overflow check: "
+                             "use parallel.zero_stage 1-3 (or action 'log' / 'rollback')")
         if self.data.mode == "span" and m.kind != "encoder_decoder":
             raise ValueError("data.mode='span' produces encoder-decoder batches: set model.kind=encoder_decoder")
         if m.kind == "encoder_decoder" and self.data.mode != "span":

@@ -1,11 +1,15 @@
 """Loss-spike guard: a step whose loss (or gradient norm) is far above its recent history is
-logged, or rolled back (``train.spike``).
+logged, skipped, or rolled back (``train.spike``).
 
 The history is the last ``window`` accepted values; a value is a spike when at least ``warmup``
 values are known and its z-score against them exceeds ``zscore`` (or, with ``ratio``, it exceeds
 ``ratio`` times their mean). Every rank sees the same reduced loss and gradient norm, so every rank
 decides alike. The history is saved with each checkpoint and restored on resume and rollback, so
 the decisions of a resumed run are those of an uninterrupted one.
+
+``skip``: the step's loss is judged before the update, which is then discarded (no optimizer or
+scheduler step; the batch is consumed), counted as ``spike/skipped``. The gradient norm exists only
+inside the optimizer step, after that decision: a gradient-norm spike is logged.
 
 ``rollback``: every rank reloads the newest complete checkpoint (weights, optimizer, schedule,
 RNG, data position, this history), skips the next ``skip_batches`` global batches of data, counted
@@ -24,6 +28,7 @@ class SpikeGuard:
         self.history: dict[str, deque] = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window)}
         self.rollbacks = 0
         self.spikes = 0
+        self.skipped = 0
 
     @classmethod
     def from_config(cls, spike) -> "SpikeGuard":
@@ -45,9 +50,13 @@ class SpikeGuard:
             return f"{key} {value:.4g} is over {self.ratio:g} x the mean {mean:.4g} of the last {len(past)}"
         return None
 
+    def why(self, loss: float, grad_norm: float | None) -> str | None:
+        """Why these values are a spike, or None; the history is left as it is."""
+        return self._judge("loss", loss) or (self._judge("grad_norm", grad_norm) if self.grad_norm else None)
+
     def check(self, loss: float, grad_norm: float | None) -> str | None:
         """Why this step is a spike, or None (then its values join the history)."""
-        why = self._judge("loss", loss) or (self._judge("grad_norm", grad_norm) if self.grad_norm else None)
+        why = self.why(loss, grad_norm)
         if why is not None:
             self.spikes += 1
             return why
@@ -58,7 +67,7 @@ class SpikeGuard:
 
     def state_dict(self) -> dict:
         return {"history": {k: list(v) for k, v in self.history.items()}, "rollbacks": self.rollbacks,
-                "spikes": self.spikes}
+                "spikes": self.spikes, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state:
@@ -66,3 +75,4 @@ class SpikeGuard:
         for k, values in state["history"].items():
             self.history[k] = deque(values, maxlen=self.window)
         self.rollbacks, self.spikes = state["rollbacks"], state["spikes"]
+        self.skipped = state.get("skipped", 0)

@@ -176,8 +176,16 @@ def train(r: Run, *, stop=None) -> dict:
         _beat(dog, f"data for step {step + 1}")
         batch = next(batches)
         _beat(dog, f"step {step + 1}")
+        judged: dict = {}
+        if cfg.train.spike.action == "skip":
+            def drop_update(loss, judged=judged):  # the global loss: every rank decides alike
+                judged["why"] = guard.why(loss, None)
+                return judged["why"] is not None
+        else:
+            drop_update = None
         result = train_step(r.engine, batch, groups=r.groups, micro_batch=cfg.train.micro_batch,
-                            nonfinite=cfg.train.nonfinite, step=step + 1, stop_requested=bool(requested))
+                            nonfinite=cfg.train.nonfinite, step=step + 1, stop_requested=bool(requested),
+                            drop_update=drop_update)
         step = r.step = step + 1
         _beat(dog, f"logging step {step}")
         metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
@@ -185,11 +193,15 @@ def train(r: Run, *, stop=None) -> dict:
                    **meter.finish(tokens=result.tokens, real_tokens=result.real_tokens,
                                   loss_tokens=result.loss_tokens)}
         history.append(result.loss)
-        spike = guard.check(result.loss, result.grad_norm)
+        if result.dropped:
+            spike, guard.spikes, guard.skipped = judged["why"], guard.spikes + 1, guard.skipped + 1
+        else:
+            spike = guard.check(result.loss, result.grad_norm)
         if spike is not None:
-            metrics.update({"spike": 1, "spike/count": guard.spikes})
+            metrics.update({"spike": 1, "spike/count": guard.spikes, "spike/skipped": guard.skipped})
             if r.rank0:
-                log.warning("step %d: loss spike: %s (train.spike.action=%s)", step, spike, cfg.train.spike.action)
+                log.warning("step %d: loss spike: %s (train.spike.action=%s)%s", step, spike, cfg.train.spike.action,
+                            ": update skipped" if result.dropped else "")
             if cfg.train.spike.action == "rollback":
                 r.sinks.log(step, metrics)
                 _beat(dog, f"rollback after step {step}")

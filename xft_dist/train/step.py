@@ -14,6 +14,11 @@ Host syncs: the token counts are reduced on the device (the scale stays a device
 step's numbers (loss sum, counts, non-finite flag, stop request) travel in one collective and come
 to the host once, before the update, so ``train.nonfinite=stop`` never applies a non-finite update.
 ``train.nonfinite=skip`` must decide before each backward: one more sync per micro-batch.
+
+``drop_update`` (``train.spike.action=skip``) is asked, with the step's global loss, before the last
+micro-batch's backward; when it says drop, that backward carries NaN gradients, so DeepSpeed's own
+overflow path discards the whole accumulated update (no optimizer step, no scheduler step, counted
+in ``engine.skipped_steps``) on every rank alike.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,6 +57,7 @@ class StepResult:
     grad_norm: float | None
     lr: float
     stop_requested: bool = False  # some rank asked to stop (a signal), decided with the step's numbers
+    dropped: bool = False         # drop_update said so: the update was discarded
 
 
 def split_micro_batches(batch: dict, micro_batch: int, device, prepare=None) -> list[dict]:
@@ -75,7 +82,8 @@ def _zero_grad_surrogate(engine) -> torch.Tensor:
 
 
 def train_step(engine, batch: dict, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
-               step: int = 0, stop_requested: bool = False) -> StepResult:
+               step: int = 0, stop_requested: bool = False,
+               drop_update: Callable[[float], bool] | None = None) -> StepResult:
     model = engine.module
     micro = split_micro_batches(batch, micro_batch, engine.device, getattr(model, "prepare_batch", None))
     if len(micro) != engine.gradient_accumulation_steps():
@@ -87,7 +95,7 @@ def train_step(engine, batch: dict, *, groups: ParallelGroups, micro_batch: int,
     device = counts.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     bad = torch.zeros((), dtype=torch.float64, device=device)
-    skipped, numbers = 0, None
+    skipped, numbers, dropped = 0, None, False
     for i, mb in enumerate(micro):
         s, _ = engine(mb)
         finite = torch.isfinite(s.detach())
@@ -95,9 +103,9 @@ def train_step(engine, batch: dict, *, groups: ParallelGroups, micro_batch: int,
             log.warning("step %d micro-batch %d: non-finite loss on at least one rank: skipping this micro-batch "
                         "(train.nonfinite=skip)", step, i)
             skipped += 1
-            engine.backward(_zero_grad_surrogate(engine))
+            loss = _zero_grad_surrogate(engine)
         else:
-            engine.backward(s * scale.to(s.dtype))
+            loss = s * scale.to(s.dtype)
             loss_sum = loss_sum + torch.where(finite, s.detach().to(torch.float64), 0.0)
             bad = bad + (~finite).to(torch.float64)
         if i == len(micro) - 1:  # before the update: every number of the step, one collective, one sync
@@ -111,12 +119,16 @@ def train_step(engine, batch: dict, *, groups: ParallelGroups, micro_batch: int,
                 msg = f"step {step}: non-finite loss on at least one rank (train.nonfinite=stop): stopping"
                 log.error("%s", msg)
                 raise NonFiniteLoss(msg)
+            if drop_update is not None and drop_update(numbers[3] / max(numbers[2], 1.0)):
+                dropped = True  # NaN gradients: DeepSpeed's overflow check discards the update
+                loss = loss * float("nan")
+        engine.backward(loss)
         engine.step()
     positions, real, total, loss_total, _, stop = numbers
-    norm = engine.get_global_grad_norm()
+    norm = None if dropped else engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else None
     if norm is not None and not math.isfinite(norm):
         raise NonFiniteLoss(f"step {step}: non-finite gradient norm {norm} after the update")
     return StepResult(loss=loss_total / max(total, 1.0), loss_tokens=total, tokens=int(positions),
                       real_tokens=int(real), skipped_micro=skipped, grad_norm=norm, lr=engine.get_lr()[0],
-                      stop_requested=stop > 0)
+                      stop_requested=stop > 0, dropped=dropped)
