@@ -141,16 +141,17 @@ def _shape(a) -> str:
 def bench_memory(a) -> int:
     print(f"# {date.today()}  memory: {_shape(a)}")
     rows = [("TP=2", dict(), 2), ("TP=2 + sequence parallel", dict(sp=True), 2),
+            ("TP=2 full", dict(ckpt=1), 2), ("TP=2 full + sequence parallel", dict(ckpt=1, sp=True), 2),
             ("TP=1 no recompute", dict(), 1), ("TP=1 selective", dict(ckpt="selective"), 1),
             ("TP=1 full", dict(ckpt=1), 1), ("TP=1 padding mask", dict(mask=True), 1),
             ("TP=1 padding mask selective", dict(mask=True, ckpt="selective"), 1)]
     results = {name: run_variant(a, variant, world) for name, variant, world in rows}
-    print(f"{'':28}{'activations MiB':>16}{'step s':>9}{'memory x':>10}{'time x':>8}")
+    print(f"{'':32}{'activations MiB':>16}{'step s':>9}{'memory x':>10}{'time x':>8}")
     for name, _, _ in rows:
-        base = results["TP=2" if name.startswith("TP=2") else
+        base = results["TP=2 full" if name.startswith("TP=2 full") else "TP=2" if name.startswith("TP=2") else
                        "TP=1 padding mask" if "mask" in name else "TP=1 no recompute"]
         r = results[name]
-        print(f"{name:28}{r['activation_bytes'] / 2**20:>16.1f}{r['step_s']:>9.3f}"
+        print(f"{name:32}{r['activation_bytes'] / 2**20:>16.1f}{r['step_s']:>9.3f}"
               f"{r['activation_bytes'] / base['activation_bytes']:>10.2f}{r['step_s'] / base['step_s']:>8.2f}")
     return 0
 

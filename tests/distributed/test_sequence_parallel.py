@@ -101,7 +101,10 @@ def dropout_sequence_parallel_equals_tp2_without():
         torch.manual_seed(3)
         model = AutoregressiveWrapper(_decoder_lm(g, attn_dropout=0.3, ff_dropout=0.3, rng=streams,
                                                   sequence_parallel=sp, activation_checkpointing=every)).train()
-        loss = model(torch.randint(1, VOCAB, (2, 10)))
+        seq = torch.randint(1, VOCAB, (2, 11))
+        mask = torch.ones_like(seq, dtype=torch.bool)
+        mask[1, 7:] = False  # a padding mask: the dense path, which selective recomputation replays
+        loss = model(seq, mask=mask)
         loss.backward()
         runs.append((f"sp={sp} ckpt={every}", model, loss))
     _, base, loss0 = runs[0]

@@ -73,7 +73,8 @@ def test_bench_memory_mode_prints_activation_memory_ratios():
                           "--depth", "2", "--heads", "4", "--vocab", "128", "--seq", "256", "--batch", "1",
                           "--steps", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line[:28].strip(): line[28:].split() for line in out.stdout.splitlines()[2:] if line.strip()}
+    rows = {line[:32].strip(): line[32:].split() for line in out.stdout.splitlines()[2:] if line.strip()}
     assert float(rows["TP=2 + sequence parallel"][2]) < 1.0, out.stdout  # the residual stream is split
     assert float(rows["TP=1 full"][2]) < 0.5, out.stdout
+    assert float(rows["TP=2 full + sequence parallel"][2]) < 1.0, out.stdout
     assert float(rows["TP=1 padding mask selective"][2]) < 1.0, out.stdout

@@ -64,7 +64,8 @@ class AttentionLayers(nn.Module):
 
     ``activation_checkpointing``: 0 off, 1 (or ``"full"``) every layer, k every k-th layer (layers 0,
     k, 2k, ...), ``"selective"`` only the attention cores (scores, softmax, dropout, weighted values:
-    the activations that grow with n^2 / heads), in every layer.
+    the activations that grow with n^2 / heads), in every layer, where a dense mask (key padding)
+    gives them such state; the causal and packed (varlen) kernels keep none and are not recomputed.
     ``sequence_parallel``: at TP > 1, activations between the TP regions (residual stream, norms) are
     split along the sequence over the TP ranks (Megatron's sequence parallelism): the stack takes
     and returns full ``[b, n, dim]``, splits on entry and all-gathers on exit. Calls whose length

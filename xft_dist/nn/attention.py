@@ -229,7 +229,8 @@ class Attention(nn.Module):
         ``sequence_parallel=True``: ``x`` is this rank's sequence chunk ``[b, n / tp, dim]`` (and so is
         the output); it is all-gathered on entry and the output reduce-scattered. ``recompute_core``:
         the attention core (scores, softmax, dropout, weighted values) is recomputed in the backward
-        instead of keeping its activations (selective activation checkpointing).
+        instead of keeping its activations (selective activation checkpointing) where it builds a
+        dense mask; the causal and varlen kernels keep no n^2 state, and are not recomputed.
 
         The queries' input enters the TP region once for q, k and v (self-attention), and the context
         once for k and v (cross-attention): one backward all-reduce each."""
@@ -262,7 +263,10 @@ class Attention(nn.Module):
             core = functools.partial(self._sdpa_core, causal=causal, key_mask=key_mask,
                                      doc_ids=None if cross else doc_ids, dropout_p=dropout_p)
             pattern = "b h n d -> b n (h d)"
-        if recompute_core and torch.is_grad_enabled():
+        # Only a dense mask gives the core state that grows with n^2 (the mask and the masked kernel's
+        # buffers, per layer); the causal / unmasked and varlen kernels keep O(n): nothing to recompute.
+        dense = pattern.startswith("b h") and (key_mask is not None or (doc_ids is not None and not cross))
+        if recompute_core and dense and torch.is_grad_enabled():
             out = checkpoint(core, q, k, v, rng=self.rng if dropout_p > 0 else None)
         else:
             out = core(q, k, v)
