@@ -1,6 +1,6 @@
 """Resuming at another TP x DP layout (checkpoint.reshard: auto, DeepSpeed's universal checkpoint),
 through the deepspeed launcher on CPU ranks: saved at TP2xDP2 under ZeRO 1, 2 and 3, resumed at
-TP1xDP2, TP2xDP1 and TP1xDP4, the next steps' losses equal the uninterrupted run's (fp32, 1e-5
+TP1xDP2, TP2xDP1 and TP1xDP4 (each under ZeRO 1/2 and TP2xDP1, TP1xDP4 under ZeRO-3), the next steps' losses equal the uninterrupted run's (fp32, 1e-5
 relative), both model kinds; reshard=off, ZeRO 0 and a change into or out of ZeRO-3 are refused
 with exit status 2 and the layouts named. The vocabulary (259) is padded at TP=2, so the re-padding
 of vocab-parallel tensors is exercised."""
@@ -19,7 +19,7 @@ from ..helpers import REPO, cpu_rank_env, free_port, stdlib_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 BIN = Path(sys.executable).parent
-SAVED, STEPS = 6, 16  # the 10 steps after the resume are compared
+SAVED, STEPS = 6, 12  # the 6 steps after the resume are compared
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def work(tmp_path_factory):
         "data": {"shards": str(root / "shards"), "seq_len": 32, "enc_len": 48, "num_streams": 4},
         "train": {"steps": STEPS, "global_batch": 8, "micro_batch": 2, "seed": 3},
         "optim": {"lr": 3e-3},
-        "checkpoint": {"every": SAVED, "keep": 3},  # steps 6, 12 and 16
+        "checkpoint": {"every": SAVED, "keep": 3},  # steps 6 and 12
         "logging": {"every": 8, "wandb": "disabled", "progress_bar": False},
         "run": {"out_dir": str(root / "runs")},
     }
@@ -67,9 +67,11 @@ def _fork(work, base, name):
 TARGETS = [("tp1dp2", 2, "parallel.tp=1"), ("tp2dp1", 2, "parallel.tp=2"), ("tp1dp4", 4, "parallel.tp=1")]
 # ZeRO 1 and 2 share one code path (ZeRO-2 is covered by one target and the conversion tool's test);
 # ZeRO-3 has its own (xft_dist/ckpt/universal.py: prepare_zero3_universal_load).
-CASES = [("decoder.yaml", 1, t) for t in TARGETS] + [("decoder.yaml", 2, TARGETS[2])] + \
-        [("decoder.yaml", 3, t) for t in TARGETS] + \
-        [("encdec.yaml", 1, TARGETS[0]), ("encdec.yaml", 1, TARGETS[2]), ("encdec.yaml", 3, TARGETS[1])]
+# Each target once under ZeRO 1/2 and under ZeRO-3 for the decoder; the encoder-decoder changes TP
+# and DP together under ZeRO-1 and TP under ZeRO-3.
+CASES = [("decoder.yaml", 1, TARGETS[0]), ("decoder.yaml", 1, TARGETS[1]), ("decoder.yaml", 2, TARGETS[2])] + \
+        [("decoder.yaml", 3, TARGETS[1]), ("decoder.yaml", 3, TARGETS[2])] + \
+        [("encdec.yaml", 1, TARGETS[2]), ("encdec.yaml", 3, TARGETS[1])]
 
 
 @pytest.fixture(scope="module")
