@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--corpus-docs", type=int, default=24000, help="data mode: documents of the synthetic corpus")
     p.add_argument("--shard-mib", type=int, default=1024, help="data mode: shard size for the memory check (0: skip)")
+    p.add_argument("--config", help="memory / comm modes: the model of this run config (at TP=2)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)

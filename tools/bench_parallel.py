@@ -12,6 +12,12 @@ comm     the collective ledger of one step (forward + loss + backward) at TP=2, 
 
     python tools/bench.py --mode memory --dim 256 --depth 4 --heads 8 --seq 2048 --batch 1
     python tools/bench.py --mode comm --dim 768 --depth 12 --heads 12 --seq 1024 --batch 1   # GPT-125M shape
+    python tools/bench.py --mode comm --config configs/t5_base.yaml --batch 1   # a run config's model, at TP=2
+
+With ``--config`` the model is the one the trainer builds from that config (``build_model``; its
+vocabulary from ``model.num_tokens``, else ``--vocab``), at TP=2, with the config's sequence
+length(s); ``parallel.sequence_parallel`` and ``model.activation_checkpointing`` are then the
+variants' own.
 
 Each variant runs in fresh processes (TP ranks over gloo, one thread each), so allocations do not mix.
 """
@@ -39,12 +45,35 @@ def allocated_bytes() -> int:
     return int(m.uordblks + m.hblkhd)
 
 
+def _from_config(a, groups, sp, ckpt):
+    from xft_dist.config.load import load_config
+    from xft_dist.models.factory import build_model
+
+    tp = 1 if groups is None else groups.tp_size
+    cfg = load_config(a.config, [f"parallel.tp={tp}", f"parallel.sequence_parallel={str(sp).lower()}",
+                                 f"model.activation_checkpointing={ckpt}", "model.attn_dropout=0",
+                                 "model.ff_dropout=0"])
+    a.seq = cfg.data.seq_len
+    a.enc_seq = cfg.data.enc_len if cfg.model.kind == "encoder_decoder" else None
+    a.dim = cfg.model.dim
+    return build_model(cfg, groups or _single(), None, num_tokens=cfg.model.num_tokens or a.vocab, pad_id=0)
+
+
+def _single():
+    from xft_dist.parallel import ParallelGroups
+
+    return ParallelGroups.single()
+
+
 def build_lm(a, *, groups=None, sp=False, ckpt=0):
     import torch
 
+    torch.manual_seed(0)
+    if getattr(a, "config", None):
+        return _from_config(a, groups, sp, ckpt)
     from xft_dist import AutoregressiveWrapper, Decoder, TransformerWrapper
 
-    torch.manual_seed(0)
+    a.enc_seq = None
     layers = Decoder(dim=a.dim, depth=a.depth, heads=a.heads, attn_dim_head=a.dim // a.heads, ff_mult=a.ff_mult,
                      groups=groups, sequence_parallel=sp, activation_checkpointing=ckpt)
     net = TransformerWrapper(num_tokens=a.vocab, max_seq_len=a.seq, attn_layers=layers, tie_embedding=True)
@@ -56,40 +85,52 @@ def measure_step(model, a, *, padding_mask: bool = False) -> dict:
     the last 8 positions are padding (a key-padding mask: attention takes its masked path)."""
     import torch
 
-    seq = torch.randint(1, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1))
+    inputs = _inputs(model, a)
     kw = {}
     if padding_mask:
-        kw["mask"] = torch.ones(seq.shape, dtype=torch.bool)
-        kw["mask"][:, -8:] = False
-    model(seq, **kw).backward()  # warm up: lazily allocated buffers, kernels chosen
+        kw["src_mask" if a.enc_seq else "mask"] = mask = torch.ones(inputs[0].shape, dtype=torch.bool)
+        mask[:, -8:] = False
+    model(*inputs, **kw).backward()  # warm up: lazily allocated buffers, kernels chosen
     model.zero_grad(set_to_none=False)
     gc.collect()
     before = allocated_bytes()
-    loss = model(seq, **kw)
+    loss = model(*inputs, **kw)
     activations = allocated_bytes() - before
     loss.backward()
     del loss
     times = []
     for _ in range(a.steps):
         t = time.perf_counter()
-        model(seq, **kw).backward()
+        model(*inputs, **kw).backward()
         times.append(time.perf_counter() - t)
-    return {"activation_bytes": activations, "step_s": sorted(times)[len(times) // 2]}
+    return {"activation_bytes": activations, "step_s": sorted(times)[len(times) // 2], "shape": _shape(a)}
+
+
+def _inputs(model, a) -> tuple:
+    """A step's inputs: ``(tokens,)`` for a decoder LM (``seq`` positions after the shift), or
+    ``(src, tgt)`` for an encoder-decoder (the decoder reads ``seq`` positions)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    vocab = min(a.vocab, 256)
+    tgt = torch.randint(1, vocab, (a.batch, a.seq + 1), generator=gen)
+    if a.enc_seq is None:
+        return (tgt,)
+    return torch.randint(1, vocab, (a.batch, a.enc_seq), generator=gen), tgt
 
 
 def _ledger(model, a):
-    import torch
-
     from xft_dist.models.collectives import ledger_table, tp_minimum
     from xft_dist.parallel import CollectiveLedger
 
-    seq = torch.randint(1, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1))
+    inputs = _inputs(model, a)
     with CollectiveLedger() as led:
         led.watch(model)
-        model(seq).backward()
+        model(*inputs).backward()
     min_bytes = a.batch * (a.seq // 2) * a.dim * 4
     return {"ledger": sorted(ledger_table(led.records, min_bytes=min_bytes).items()),
-            "minimum": sorted(tp_minimum(model, batch=a.batch, seq=a.seq).items())}
+            "minimum": sorted(tp_minimum(model, batch=a.batch, seq=a.seq, context_seq=a.enc_seq).items()),
+            "shape": _shape(a)}
 
 
 def _rank(rank: int, world: int, port: int, a, variant: dict, out) -> None:
@@ -134,18 +175,21 @@ def run_variant(a, variant: dict, world: int) -> dict:
 
 
 def _shape(a) -> str:
+    if getattr(a, "config", None):
+        enc = f" enc_len={a.enc_seq}" if a.enc_seq else ""
+        return f"{a.config} (model as configured), seq={a.seq}{enc} batch={a.batch}, fp32, CPU ranks over gloo"
     return (f"decoder dim={a.dim} depth={a.depth} heads={a.heads} ff_mult={a.ff_mult} vocab={a.vocab} "
             f"seq={a.seq} batch={a.batch}, fp32, CPU ranks over gloo")
 
 
 def bench_memory(a) -> int:
-    print(f"# {date.today()}  memory: {_shape(a)}")
     rows = [("TP=2", dict(), 2), ("TP=2 + sequence parallel", dict(sp=True), 2),
             ("TP=2 full", dict(ckpt=1), 2), ("TP=2 full + sequence parallel", dict(ckpt=1, sp=True), 2),
             ("TP=1 no recompute", dict(), 1), ("TP=1 selective", dict(ckpt="selective"), 1),
             ("TP=1 full", dict(ckpt=1), 1), ("TP=1 padding mask", dict(mask=True), 1),
             ("TP=1 padding mask selective", dict(mask=True, ckpt="selective"), 1)]
     results = {name: run_variant(a, variant, world) for name, variant, world in rows}
+    print(f"# {date.today()}  memory: {results['TP=2']['shape']}")
     print(f"{'':32}{'activations MiB':>16}{'step s':>9}{'memory x':>10}{'time x':>8}")
     for name, _, _ in rows:
         base = results["TP=2 full" if name.startswith("TP=2 full") else "TP=2" if name.startswith("TP=2") else
@@ -157,11 +201,12 @@ def bench_memory(a) -> int:
 
 
 def bench_comm(a) -> int:
-    print(f"# {date.today()}  comm: {_shape(a)}; TP=2, one forward + loss + backward; activation-sized "
-          "collectives (at least [b, n/2, d])")
-    for name, variant in (("TP=2", {}), ("TP=2 + sequence parallel", {"sp": True}),
-                          ("TP=2 + full recompute", {"ckpt": 1})):
+    for i, (name, variant) in enumerate((("TP=2", {}), ("TP=2 + sequence parallel", {"sp": True}),
+                                         ("TP=2 + full recompute", {"ckpt": 1}))):
         r = run_variant(a, variant, 2)
+        if i == 0:
+            print(f"# {date.today()}  comm: {r['shape']}; TP=2, one forward + loss + backward; activation-sized "
+                  "collectives (at least [b, n/2, d])")
         ledger, minimum = dict(map(tuple, r["ledger"])), dict(map(tuple, r["minimum"]))
         print(f"\n## {name}\n{'layer':34}{'phase':11}{'kind':16}{'ledger n':>9}{'min n':>7}{'ledger MiB':>12}"
               f"{'min MiB':>9}")

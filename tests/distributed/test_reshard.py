@@ -1,9 +1,9 @@
 """Resuming at another TP x DP layout (checkpoint.reshard: auto, DeepSpeed's universal checkpoint),
 through the deepspeed launcher on CPU ranks: saved at TP2xDP2 under ZeRO 1, 2 and 3, resumed at
-TP1xDP2, TP2xDP1 and TP1xDP4 (each under ZeRO 1/2 and TP2xDP1, TP1xDP4 under ZeRO-3), the next steps' losses equal the uninterrupted run's (fp32, 1e-5
-relative), both model kinds; reshard=off, ZeRO 0 and a change into or out of ZeRO-3 are refused
-with exit status 2 and the layouts named. The vocabulary (259) is padded at TP=2, so the re-padding
-of vocab-parallel tensors is exercised."""
+TP1xDP2, TP2xDP1 and TP1xDP4 (each under ZeRO 1/2; TP2xDP1 and TP1xDP4 under ZeRO-3), the next
+steps' losses equal the uninterrupted run's (fp32, 1e-5 relative), both model kinds; reshard=off,
+ZeRO 0 and a change into or out of ZeRO-3 are refused with exit status 2 and the layouts named. The
+vocabulary (259) is padded at TP=2, so the re-padding of vocab-parallel tensors is exercised."""
 
 from __future__ import annotations
 

@@ -57,10 +57,10 @@ def test_gpu_smoke_without_a_gpu_says_what_to_install():
     assert "CPU build" in out.stderr or "sees no GPU" in out.stderr, out.stderr
 
 
-def test_bench_comm_mode_prints_the_ledger_at_the_minimum():
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--mode", "comm", "--dim", "32",
-                          "--depth", "2", "--heads", "4", "--vocab", "128", "--seq", "16", "--batch", "1"],
-                         capture_output=True, text=True, timeout=300)
+def test_bench_comm_mode_prints_the_ledger_of_a_config_at_the_minimum():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--mode", "comm", "--config",
+                          str(REPO / "configs" / "tiny.yaml"), "--batch", "1"], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     totals = [line for line in out.stdout.splitlines() if line.startswith("total")]
     assert len(totals) == 3, out.stdout  # TP=2, with sequence parallelism, with full recomputation
