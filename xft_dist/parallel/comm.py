@@ -167,7 +167,8 @@ def in_scope(scope: str, role: str | None = None) -> Iterator[None]:
 
 
 def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _note(kind: str, x: torch.Tensor, group: ProcessGroup | None) -> None:
@@ -534,8 +535,11 @@ class _Regather:
 
 
 def _outer_saved_tensor_hooks() -> bool:
-    """True inside activation checkpointing (or any other saved-tensor hooks), which then decide."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    """True inside activation checkpointing (or any other saved-tensor hooks), which then decide.
+    A torch without the query answers True: the region then keeps its gathered input (right, and
+    only the memory saving is lost)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 @contextlib.contextmanager
