@@ -127,7 +127,7 @@ def test_cuda_rng_streams_differ_across_tp_ranks():
     assert torch.equal(torch.rand(8, device="cuda"), outside)  # the default stream is shared
 
 
-def _nccl_tp2_step(rank: int, port: int, out):
+def _nccl_tp2_step(rank: int, port: int, out, sp: bool = False):
     import os
 
     from xft_dist.config.load import validate
@@ -137,9 +137,10 @@ def _nccl_tp2_step(rank: int, port: int, out):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    cfg = validate({"model": {"dim": 64, "depth": 2, "heads": 4}, "data": {"shards": "unused", "seq_len": 32},
-                    "parallel": {"tp": 2, "zero_stage": 1}, "train": {"global_batch": 4, "micro_batch": 4,
-                                                                      "precision": "bf16"}})
+    cfg = validate({"model": {"dim": 64, "depth": 2, "heads": 4, "activation_checkpointing": 1 if sp else 0},
+                    "data": {"shards": "unused", "seq_len": 32},
+                    "parallel": {"tp": 2, "zero_stage": 1, "sequence_parallel": sp},
+                    "train": {"global_batch": 4, "micro_batch": 4, "precision": "bf16"}})
     run = build_run(cfg, DistEnv.from_environ(), upto="engine",
                     vocab=VocabFacts(num_tokens=128, pad_id=0, tokenizer_vocab=128, num_sentinels=0))
     gen = torch.Generator().manual_seed(0)
@@ -153,14 +154,17 @@ def _nccl_tp2_step(rank: int, port: int, out):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_training_step_over_nccl():
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel-checkpointed"])
+def test_tp2_training_step_over_nccl(sp):
+    """Every collective on CUDA tensors under NCCL (sequence parallelism's all-gathers and
+    reduce-scatters, and its backward re-gather, included)."""
     import torch.multiprocessing as mp
 
     from ..helpers import free_port
 
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_nccl_tp2_step, args=(r, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=_nccl_tp2_step, args=(r, port, out, sp)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
