@@ -137,7 +137,7 @@ def _nccl_tp2_step(rank: int, port: int, out, sp: bool = False):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    cfg = validate({"model": {"dim": 64, "depth": 2, "heads": 4, "activation_checkpointing": 1 if sp else 0},
+    cfg = validate({"model": {"dim": 64, "depth": 2, "heads": 4},
                     "data": {"shards": "unused", "seq_len": 32},
                     "parallel": {"tp": 2, "zero_stage": 1, "sequence_parallel": sp},
                     "train": {"global_batch": 4, "micro_batch": 4, "precision": "bf16"}})
@@ -154,7 +154,7 @@ def _nccl_tp2_step(rank: int, port: int, out, sp: bool = False):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel-checkpointed"])
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
 def test_tp2_training_step_over_nccl(sp):
     """Every collective on CUDA tensors under NCCL (sequence parallelism's all-gathers and
     reduce-scatters, and its backward re-gather, included)."""
