@@ -11,7 +11,7 @@ import torch.distributed as dist
 from xft_dist import AutoregressiveWrapper, Decoder, EncoderDecoder, TransformerWrapper
 from xft_dist.parallel import ParallelGroups, capture_rng_state, restore_rng_state, seed_all
 
-from .common import assert_close, tp_shard
+from .common import assert_close, assert_same_step, compare_grads, encdec_pair, tp_shard
 from .harness import CheckSet
 
 TP2 = CheckSet(world_size=2)
@@ -22,12 +22,6 @@ def _decoder_lm(groups=None, **kw):
     layers = Decoder(dim=32, depth=2, heads=4, attn_dim_head=8, attn_kv_heads=2, ff_glu=True,
                      ff_swish=True, use_rmsnorm=True, groups=groups, **kw)
     return TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=layers)
-
-
-def _compare_grads(ref: torch.nn.Module, tp: torch.nn.Module, g: ParallelGroups, what: str):
-    for (name, p_ref), (name_tp, p_tp) in zip(ref.named_parameters(), tp.named_parameters()):
-        assert name == name_tp, (name, name_tp)
-        assert_close(p_tp.grad, tp_shard(p_ref.grad, p_tp, g), f"{what}: grad of {name}", rtol=1e-4, atol=1e-6)
 
 
 @TP2.check
@@ -48,7 +42,7 @@ def decoder_lm_tp2_matches_tp1():
     assert_close(loss_tp, loss_ref, "loss")
     loss_ref.backward()
     loss_tp.backward()
-    _compare_grads(ref, tp, g, "decoder LM")
+    compare_grads(ref, tp, g, "decoder LM")
 
 
 @TP2.check
@@ -68,12 +62,7 @@ def every_init_scheme_draws_the_same_weights_at_tp1_and_tp2():
 @TP2.check
 def encoder_decoder_shared_embedding_wider_context_tp2():
     g = ParallelGroups.build(tp_size=2)
-    kw = dict(num_tokens=VOCAB, dim=32, enc_dim=64, enc_depth=2, dec_depth=2, heads=4, attn_dim_head=8,
-              enc_max_seq_len=16, dec_max_seq_len=16)
-    torch.manual_seed(1)
-    ref = EncoderDecoder(**kw)
-    torch.manual_seed(1)
-    tp = EncoderDecoder(groups=g, **kw)
+    ref, tp = encdec_pair(g, vocab=VOCAB)
     assert tp.encoder.token_emb is tp.decoder.net.token_emb is tp.token_emb
     src = torch.randint(1, VOCAB, (2, 9))
     src[0, 6:] = 0
@@ -85,11 +74,7 @@ def encoder_decoder_shared_embedding_wider_context_tp2():
     dec_in = dict(mask=tgt != 0, context=enc_ref.detach(), context_mask=src != 0)
     assert_close(tp.decoder.net(tgt, gather_logits=True, **dec_in), ref.decoder.net(tgt, **dec_in),
                  "decoder gathered logits")
-    loss_ref, loss_tp = ref(src, tgt), tp(src, tgt)
-    assert_close(loss_tp, loss_ref, "encoder-decoder loss")
-    loss_ref.backward()
-    loss_tp.backward()
-    _compare_grads(ref, tp, g, "encoder-decoder")
+    assert_same_step(ref, tp, g, (src, tgt), "encoder-decoder")
 
 
 @TP2.check

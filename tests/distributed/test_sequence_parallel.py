@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xft_dist import AutoregressiveWrapper, Decoder, EncoderDecoder, TransformerWrapper
+from xft_dist import AutoregressiveWrapper, Decoder, TransformerWrapper
 from xft_dist.parallel import CollectiveLedger, ParallelGroups, capture_rng_state, restore_rng_state, seed_all
 
-from .common import assert_close, tp_shard
+from .common import assert_close, assert_same_step, compare_grads, encdec_pair, tp_shard
 from .harness import CheckSet
 
 TP2 = CheckSet(world_size=2)
@@ -26,13 +26,6 @@ def _decoder_lm(groups=None, **kw):
     layers = Decoder(dim=32, depth=2, heads=4, attn_dim_head=8, attn_kv_heads=2, ff_glu=True, ff_swish=True,
                      use_rmsnorm=True, groups=groups, **kw)
     return TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=layers)
-
-
-def _compare(ref, tp, g, what, rtol=1e-4, atol=1e-6):
-    for (name, p_ref), (name_tp, p_tp) in zip(ref.named_parameters(), tp.named_parameters()):
-        assert name == name_tp, (name, name_tp)
-        assert p_tp.grad is not None, f"{what}: no gradient for {name}"
-        assert_close(p_tp.grad, tp_shard(p_ref.grad, p_tp, g), f"{what}: grad of {name}", rtol=rtol, atol=atol)
 
 
 def _lm_pair(g, seed, **kw):
@@ -56,7 +49,7 @@ def decoder_lm_sequence_parallel_matches_tp1():
         assert_close(loss_sp, loss_ref, f"ckpt={every}: loss")
         loss_ref.backward()
         loss_sp.backward()
-        _compare(ref, sp, g, f"decoder LM, SP, ckpt={every}")
+        compare_grads(ref, sp, g, f"decoder LM, SP, ckpt={every}")
 
 
 @TP2.check
@@ -87,7 +80,7 @@ def packed_documents_varlen_sequence_parallel():
         (logits.square().mean() + logits[..., 7].sum()).backward()
         out.append(logits)
     assert_close(out[1], out[0], "varlen SP vs dense TP1 logits", rtol=1e-9, atol=1e-12)
-    _compare(ref, sp, g, "varlen SP", rtol=1e-9, atol=1e-12)
+    compare_grads(ref, sp, g, "varlen SP", rtol=1e-9, atol=1e-12)
 
 
 @TP2.check
@@ -118,12 +111,7 @@ def dropout_sequence_parallel_equals_tp2_without():
 def encoder_decoder_sequence_parallel_matches_tp1():
     """LayerNorms with biases and biased linears (their gradients are SP's TP sums), a wider encoder."""
     g = ParallelGroups.build(tp_size=2)
-    kw = dict(num_tokens=VOCAB, dim=32, enc_dim=64, enc_depth=2, dec_depth=2, heads=4, attn_dim_head=8,
-              enc_max_seq_len=16, dec_max_seq_len=16)
-    torch.manual_seed(1)
-    ref = EncoderDecoder(**kw)
-    torch.manual_seed(1)
-    sp = EncoderDecoder(groups=g, sequence_parallel=True, **kw)
+    ref, sp = encdec_pair(g, vocab=VOCAB, sequence_parallel=True)
     with torch.no_grad():  # nonzero biases everywhere (zero at init), the same on both
         for (_, a), (_, b) in zip(ref.named_parameters(), sp.named_parameters()):
             if a.ndim == 1:
@@ -133,11 +121,7 @@ def encoder_decoder_sequence_parallel_matches_tp1():
     src[0, 6:] = 0
     tgt = torch.randint(1, VOCAB, (2, 7))  # the decoder reads 6 positions, the encoder 10: both split
     tgt[1, 4:] = 0
-    loss_ref, loss_sp = ref(src, tgt), sp(src, tgt)
-    assert_close(loss_sp, loss_ref, "encoder-decoder SP loss")
-    loss_ref.backward()
-    loss_sp.backward()
-    _compare(ref, sp, g, "encoder-decoder SP")
+    assert_same_step(ref, sp, g, (src, tgt), "encoder-decoder SP")
 
 
 @TP2.check

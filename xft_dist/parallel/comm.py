@@ -427,11 +427,9 @@ class _GatherFromTP(_Region):
         return _split(grad, ctx.group, ctx.dim), None, None
 
 
-class _GatherSeq(_Region):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _Region._fwd(ctx, all_gather, x, group, dim=dim)
+class _GatherSeq(_GatherFromTP):
+    """``_GatherFromTP``'s forward; the backward sums the gradient over the ranks (reduce-scatter),
+    since every rank's full input fed its own part of the region."""
 
     @staticmethod
     def backward(ctx, grad):
