@@ -127,8 +127,8 @@ def ledger_records_phase_scope_and_bytes():
     with CollectiveLedger() as led:
         all_reduce(torch.ones(3, 4), g.tp_group)
         reduce_values([1.0, 2.0], g.tp_group)
-    assert [(r.kind, r.bytes, r.phase, r.group_size) for r in led.records] == [
-        ("all_reduce", 48, "forward", 2), ("all_reduce", 16, "forward", 2)]
+    assert [(r.kind, r.bytes, r.phase, r.group_size, r.ranks) for r in led.records] == [
+        ("all_reduce", 48, "forward", 2, (0, 1)), ("all_reduce", 16, "forward", 2, (0, 1))]
     all_reduce(torch.ones(2), g.tp_group)  # no ledger active: nothing recorded anywhere
     assert len(led.records) == 2
     with pytest.raises(RuntimeError, match="already recording"), CollectiveLedger(), CollectiveLedger():

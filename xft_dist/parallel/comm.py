@@ -68,7 +68,8 @@ _LOCAL = threading.local()  # .ledger: the active CollectiveLedger; .scope: modu
 class CollectiveRecord:
     """One collective: ``kind`` (all_reduce, all_gather, reduce_scatter, broadcast), the group's
     size, the bytes of one rank's input, ``phase`` (forward, backward, recompute), the module
-    (``scope``, a qualified name such as ``net.attn_layers.layers.0.attn``) and the tensor shape."""
+    (``scope``, a qualified name such as ``net.attn_layers.layers.0.attn``), the tensor shape and
+    the group's global ranks."""
 
     kind: str
     group_size: int
@@ -76,6 +77,7 @@ class CollectiveRecord:
     phase: str
     scope: str
     shape: tuple[int, ...]
+    ranks: tuple[int, ...] = ()
 
     @property
     def layer(self) -> str:
@@ -182,9 +184,12 @@ def _note(kind: str, x: torch.Tensor, group: ProcessGroup | None) -> None:
         phase = "recompute" if _in_backward() else "forward"
     else:
         phase = "backward" if _in_backward() else "forward"
-    size = group_size(group) if group is not None else (dist.get_world_size() if world_initialized() else 1)
-    led.records.append(CollectiveRecord(kind, size, x.numel() * x.element_size(), phase, current_scope(),
-                                        tuple(x.shape)))
+    if group is None:
+        ranks = tuple(range(dist.get_world_size())) if world_initialized() else (0,)
+    else:
+        ranks = tuple(dist.get_process_group_ranks(group))
+    led.records.append(CollectiveRecord(kind, len(ranks), x.numel() * x.element_size(), phase, current_scope(),
+                                        tuple(x.shape), ranks))
 
 
 def world_initialized() -> bool:
