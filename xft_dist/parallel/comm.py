@@ -550,7 +550,9 @@ def tp_region_input(x: torch.Tensor, group: ProcessGroup | None, sequence_parall
     """``with tp_region_input(x, group, sp) as full:`` the region's input (``enter_tp(x)``) for the
     column-parallel layers called inside the block. Under sequence parallelism the layers' saved
     copies of ``full`` are replaced by this rank's chunk ``x`` and all-gathered again in the
-    backward, once for all of them (skipped inside activation checkpointing, which recomputes)."""
+    backward, once for all of them (skipped inside activation checkpointing, which recomputes).
+    Under ``torch.autocast`` the layers save their own cast copies instead, which stay as they are
+    (the trainer runs bf16 as DeepSpeed does, with bf16 weights and activations: no autocast)."""
     full = enter_tp(x, group, sequence_parallel)
     if not sequence_parallel or group_size(group) == 1 or _outer_saved_tensor_hooks():
         yield full
