@@ -10,6 +10,7 @@ import json
 import pytest
 
 from ..helpers import make_corpus
+from ..wandb_file import history
 from .inject import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -57,7 +58,7 @@ def test_log_action_logs_the_injected_spike_and_trains_on(logged):
 
 
 def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them(work, logged):
-    log, rows = _run(work, "rollback", "train.spike.action=rollback", fault="spike:1:7:50")
+    log, rows = _run(work, "rollback", "train.spike.action=rollback", "logging.wandb=offline", fault="spike:1:7:50")
     assert "rolled back from step 7 to" in log and "step-00000004" in log, log[-3000:]
     assert "skipped 3 global batches of data (rollback after the spike at step 7)" in log
     steps = [r["step"] for r in rows if "loss" in r]
@@ -68,6 +69,10 @@ def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them
         assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
     before = _last_losses(logged[1])  # steps 1-6 of the log run: no spike yet, no skip
     assert got[5] != pytest.approx(before[5], rel=1e-3)  # the skip changed the data
+    # W&B has every logged row, the repeated steps 5-7 included, each with its step
+    wandb_file = next((work / "runs" / "rollback" / "wandb").glob("offline-run-*/run-*.wandb"))
+    logged_wandb = [(r["step"], r["loss"]) for r in history(wandb_file) if "loss" in r]
+    assert logged_wandb == [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def test_skip_action_discards_the_update_like_a_run_that_never_saw_the_batch(work, logged):

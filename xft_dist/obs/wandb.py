@@ -1,6 +1,9 @@
 """Rank-0 metric sinks: a JSONL file in the run directory and a W&B run (online / offline / disabled).
 
-The W&B run id is kept in checkpoints, so a resumed job continues the same run.
+The W&B run id is kept in checkpoints, so a resumed job continues the same run. Every W&B row
+carries the training step as the metric ``step``, which every chart is plotted against
+(``define_metric``); W&B's own ``_step`` only counts rows. So a step logged again (the steps after a
+rollback) is recorded again, where W&B would drop values for a ``step=`` it has passed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class MetricSinks:
             self.run_id = run_id or secrets.token_hex(4)  # W&B run ids: short, lowercase
             self.run = wandb.init(project=project, name=name, id=self.run_id, resume="allow", mode=self.mode,
                                   dir=str(run_dir), config=config, settings=wandb.Settings(console="off"))
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
 
     @property
     def wandb_dir(self) -> str | None:
@@ -45,7 +50,7 @@ class MetricSinks:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log({"step": step, **metrics})
 
     def log_table(self, step: int, key: str, columns: list[str], rows: list[list]) -> None:
         """A table: one JSON line per row in metrics.jsonl (under ``key``), a ``wandb.Table`` in W&B."""
@@ -57,7 +62,7 @@ class MetricSinks:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self.run.log({"step": step, key: wandb.Table(columns=columns, data=rows)})
 
     def finish(self) -> None:
         if not self.enabled:
