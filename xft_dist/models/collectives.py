@@ -24,7 +24,7 @@ sequence-parallel stack splits its input on entry (backward: all-gather) and gat
 exit (forward: all-gather).
 
 Bytes are one rank's input to the collective. ``tp_minimum`` returns the table that
-``CollectiveLedger.table`` produces for a run that meets the minimum, with every record outside the
+``ledger_table`` makes of a ledger's records for a run that meets the minimum, with every record outside the
 layers under ``OUTSIDE``; the loss's own reductions (per-token statistics, not activation-sized)
 are not counted.
 """

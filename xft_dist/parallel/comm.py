@@ -120,14 +120,6 @@ class CollectiveLedger:
         return [r for r in self.records if r.bytes >= min_bytes and (phase is None or r.phase == phase)
                 and (kind is None or r.kind == kind)]
 
-    def table(self, *, min_bytes: int = 0) -> dict[tuple[str, str, str], tuple[int, int]]:
-        """``{(layer, phase, kind): (count, bytes)}`` over the records of at least ``min_bytes``."""
-        out: dict[tuple[str, str, str], tuple[int, int]] = {}
-        for r in self.select(min_bytes=min_bytes):
-            c, b = out.get((r.layer, r.phase, r.kind), (0, 0))
-            out[(r.layer, r.phase, r.kind)] = (c + 1, b + r.bytes)
-        return out
-
 
 def _push_scope(name: str):
     def hook(module, args):
@@ -380,11 +372,15 @@ class _Region(torch.autograd.Function):
     @staticmethod
     def _fwd(ctx, fn, *args, **kwargs):
         ctx.scope = current_scope()
+        if getattr(_LOCAL, "ledger", None) is None:  # nothing records: no bookkeeping on the hot path
+            return fn(*args, **kwargs)
         with in_scope(ctx.scope, "forward"):
             return fn(*args, **kwargs)
 
     @staticmethod
     def _bwd(ctx, fn, *args, **kwargs):
+        if getattr(_LOCAL, "ledger", None) is None:
+            return fn(*args, **kwargs)
         with in_scope(ctx.scope, "backward"):
             return fn(*args, **kwargs)
 
