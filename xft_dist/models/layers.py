@@ -40,22 +40,16 @@ class Block(nn.Module):
                 context_rotary=None, cache: BlockCache | None = None, sp: bool = False, selective: bool = False):
         """``sp``: ``x`` is this rank's sequence chunk (sequence parallelism); ``selective``: the
         attention cores are recomputed in the backward."""
-        if cache is not None:
-            x = x + self.attn(self.attn_norm(x), mask=mask, rotary=rotary, cache=cache.self_attn)
-        else:
-            x = x + self.attn(self.attn_norm(x, sequence_parallel=sp), mask=mask, doc_ids=doc_ids, rotary=rotary,
-                              doc_layout=doc_layout, sequence_parallel=sp, recompute_core=selective)
+        region = dict(sequence_parallel=sp, recompute_core=selective)
+        x = x + self.attn(self.attn_norm(x, sequence_parallel=sp), mask=mask, doc_ids=doc_ids, rotary=rotary,
+                          doc_layout=doc_layout, cache=cache.self_attn if cache is not None else None, **region)
         if self.cross_attn is not None:
             cross_cache = cache.cross_attn if cache is not None else None
             if context is None and (cross_cache is None or cross_cache.k is None):
                 raise ValueError("this stack was built with cross_attend=True: pass context=[b, m, dim_context]")
-            if cross_cache is not None:
-                x = x + self.cross_attn(self.cross_norm(x), context=context, context_mask=context_mask, rotary=rotary,
-                                        context_rotary=context_rotary, cache=cross_cache)
-            else:
-                x = x + self.cross_attn(self.cross_norm(x, sequence_parallel=sp), context=context,
-                                        context_mask=context_mask, rotary=rotary, context_rotary=context_rotary,
-                                        sequence_parallel=sp, recompute_core=selective)
+            x = x + self.cross_attn(self.cross_norm(x, sequence_parallel=sp), context=context,
+                                    context_mask=context_mask, rotary=rotary, context_rotary=context_rotary,
+                                    cache=cross_cache, **region)
         return x + self.ff(self.ff_norm(x, sequence_parallel=sp), sequence_parallel=sp)
 
 
