@@ -122,3 +122,28 @@ def test_sigusr1_checkpoints_and_stops(work):
     assert step < 400 and "stopped: signal" in out
     latest = (work / "runs" / "signal" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{step:08d}"
+
+
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["model.dim", "checkpoint.dir", "config"])
+def test_bad_input_on_two_ranks_exits_2_with_one_line(work, straight, case):
+    """The resume-time and path refusals through the real launcher: every rank exits 2 before a
+    collective, one line names the culprit, the run's earlier checkpoints are byte-for-byte unchanged."""
+    run = work / "runs" / "straight"
+    cmd, words = {
+        "model.dim": (_deepspeed(work, "run.name=straight", "model.dim=32"), "model.dim=64 in the checkpoint, 32 now"),
+        "checkpoint.dir": (_deepspeed(work, "run.name=straight", f"checkpoint.dir={run / 'config.yaml'}"),
+                           f"{run / 'config.yaml'} is a file, expected a directory"),
+        "config": ([str(work) if a == str(work / "cfg.yaml") else a for a in _deepspeed(work)],
+                   f"config file {work} is a directory"),
+    }[case]
+    before = _tree(run)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("pretrain: ")]
+    assert len(lines) == 2 and all(words in line for line in lines), res.stderr[-3000:]  # one line per rank
+    assert "exitcode  : 2" in res.stderr or "exit code 2" in res.stderr or res.returncode == 2, res.stderr[-2000:]
+    assert _tree(run) == before

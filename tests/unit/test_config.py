@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from xft_dist.config import ConfigError, deepspeed_config, load_config
-from xft_dist.config.load import validate
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "launch" / "pretrain.py")
@@ -63,51 +62,7 @@ def test_deepspeed_config_is_derived_and_raw_section_cannot_conflict():
         deepspeed_config(bad, 8)
 
 
-BAD = {
-    "unknown key + close match": ({"model": {"deptth": 3}}, "model.deptth: unknown key (did you mean 'depth'?)"),
-    "unknown section": ({"optimm": {}}, "optimm: unknown key (did you mean 'optim'?)"),
-    "wrong type": ({"train": {"steps": "ten"}}, "train.steps='ten': Input should be a valid integer"),
-    "heads % tp": ({"model": {"heads": 6, "dim": 96}, "parallel": {"tp": 4}},
-                   "model.heads=6 must be divisible by parallel.tp=4"),
-    "kv heads": ({"model": {"heads": 8, "kv_heads": 3}}, "model.kv_heads=3 must divide model.heads=8"),
-    "kv heads % tp": ({"model": {"heads": 8, "kv_heads": 2}, "parallel": {"tp": 4}},
-                      "model.kv_heads=2 must be divisible by parallel.tp=4"),
-    "dim % heads": ({"model": {"dim": 100, "heads": 8}}, "model.dim=100 must be divisible by model.heads=8"),
-    "micro divides global": ({"train": {"global_batch": 10, "micro_batch": 4}},
-                             "train.global_batch=10 must be a multiple of train.micro_batch=4"),
-    "bad zero stage": ({"parallel": {"zero_stage": 5}}, "parallel.zero_stage=5"),
-    "mode vs kind": ({"data": {"mode": "span"}}, "set model.kind=encoder_decoder"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_config_names_the_key_and_exits_2(case, tmp_path, shards, capsys):
-    data, message = BAD[case]
-    data = {"data": {"shards": str(shards)}, **data} if "data" not in data else \
-        {**data, "data": {"shards": str(shards), **data["data"]}}
-    with pytest.raises(ConfigError) as e:
-        validate(data)
-    assert message in str(e.value)
-    assert pretrain.main(["--config", str(_write(tmp_path, data))]) == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("env,overrides,message", [
-    ({"WORLD_SIZE": "2"}, ["train.global_batch=6", "train.micro_batch=2"],
-     "train.global_batch=6 must equal train.micro_batch=2 x accumulation x data-parallel size 2"),
-    ({"WORLD_SIZE": "3"}, ["parallel.tp=2"], "parallel.tp=2 must divide the world size 3"),
-    ({"WORLD_SIZE": "1"}, ["train.precision=fp16"], "train.precision=fp16: not supported on CPU"),
-    ({"WORLD_SIZE": "1"}, ["data.shards=/nowhere"], "data.shards='/nowhere'"),
-    ({"WORLD_SIZE": "2"}, ["data.num_streams=3", "train.global_batch=6", "train.micro_batch=3"],
-     "data.num_streams=3 must be divisible by the data-parallel size 2"),
-])
-def test_launch_time_checks_run_before_any_collective(env, overrides, message, tmp_path, shards, monkeypatch, capsys):
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", **env}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    path = _write(tmp_path, {"data": {"shards": str(shards), "num_streams": 2}, "train": {"global_batch": 8}})
-    assert pretrain.main(["--config", str(path), *overrides]) == 2  # MASTER_PORT=1: a collective would hang/fail
-    assert message in capsys.readouterr().err
+# Bad input through the entry point (every case the README promises): tests/unit/test_bad_input.py
 
 
 def test_yaml_defaults_and_override_errors(tmp_path, shards):

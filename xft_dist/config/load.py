@@ -25,10 +25,16 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, expected a YAML file (e.g. configs/tiny.yaml)")
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file, expected YAML") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
     if data is None:

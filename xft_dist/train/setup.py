@@ -16,7 +16,6 @@ waits on a collective.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..obs import MetricSinks
 from ..parallel import ParallelGroups, RNGStreams, barrier, restore_rng_state, rng_state_from_tensors, seed_all
 from ..runtime import DistEnv
 from ..runtime.world import World, accelerator, init_world, rank_device
+from .resume import ResumePlan, check_paths, checkpoint_dir, newest_checkpoint, plan_resume, run_dir
 
 log = logging.getLogger("xft_dist.train")
 STAGES = ("model", "engine", "train")
@@ -122,6 +122,12 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     if upto == "train" or vocab is None:
         _, manifest = static_checks(cfg, env, kind)
     vocab = vocab or vocab_facts(cfg, manifest)
+    plan, facts = None, {}
+    if upto == "train":  # before the world exists: a refusal leaves every rank alone and the run untouched
+        check_paths(cfg)
+        facts = {"tokenizer": manifest.tokenizer, "num_tokens": vocab.num_tokens}
+        newest = newest_checkpoint(cfg)
+        plan = plan_resume(cfg, newest, world_size=env.world_size, **facts) if newest is not None else None
 
     world = None
     if upto != "model" or env.world_size > 1:
@@ -142,8 +148,8 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
         return run
     from .engine import initialize
 
-    resume = _pick_resume(cfg, groups) if upto == "train" else None
-    run.engine = initialize(cfg, model, groups, load_universal=resume is not None and resume[1])
+    resume = _pick_resume(cfg, groups, plan, **facts) if upto == "train" else None
+    run.engine = initialize(cfg, model, groups, load_universal=resume is not None and resume.reshard)
     if upto == "engine":
         return run
     _attach_training(run, manifest, resume)
@@ -173,42 +179,27 @@ def layout(cfg: Config, groups: ParallelGroups) -> dict:
     return {"tp": groups.tp_size, "dp": groups.dp_size, "zero_stage": cfg.parallel.zero_stage}
 
 
-def checkpoint_dir(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.out_dir) / cfg.run.name / "checkpoints"
-
-
-def _pick_resume(cfg: Config, groups: ParallelGroups) -> tuple[Path, bool] | None:
-    """Collective: (the newest verified checkpoint, whether it needs resharding), or None. A
-    checkpoint of another layout is converted to DeepSpeed's universal format by rank 0 (once) with
-    ``checkpoint.reshard: auto``, and refused with ``off``."""
-    if not cfg.checkpoint.resume:
+def _pick_resume(cfg: Config, groups: ParallelGroups, plan: ResumePlan | None, **facts) -> ResumePlan | None:
+    """Collective: the plan for the newest verified checkpoint (``plan`` was made for the newest
+    complete one before the world existed), or None. A checkpoint of another layout is converted to
+    DeepSpeed's universal format by rank 0 (once)."""
+    if plan is None:
         return None
     latest = CheckpointManager(checkpoint_dir(cfg), keep=cfg.checkpoint.keep).latest_verified()
     if latest is None:
         return None
-    saved = json.loads((latest / "xft_state.json").read_text()).get("layout")
-    now = layout(cfg, groups)
-    if saved is None or saved == now:
-        return latest, False
-    change = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
-    if cfg.checkpoint.reshard == "off":
-        raise ConfigError(f"{latest} was written at another layout ({change}) and checkpoint.reshard=off; set "
-                          "checkpoint.reshard=auto to convert it (DeepSpeed universal checkpoint)")
-    if saved.get("zero_stage") == 0 or now["zero_stage"] == 0:
-        # ZeRO 0 keeps no optimizer partitions for DeepSpeed's universal conversion to read.
-        raise ConfigError(f"{latest} was written at another layout ({change}): resharding needs ZeRO stage 1, 2 or 3 "
-                          f"on both sides (saved {saved.get('zero_stage')}, now {now['zero_stage']}); resume at the "
-                          "saved layout, or export the weights (tools/export.py) and start a new run from them")
-    if saved.get("zero_stage") != now["zero_stage"] and 3 in (saved.get("zero_stage"), now["zero_stage"]):
-        raise ConfigError(f"{latest} was written at another layout ({change}): resharding keeps ZeRO-3 checkpoints "
-                          "at ZeRO-3 and ZeRO 1/2 ones at 1 or 2; set parallel.zero_stage to the saved stage")
-    if groups.rank == 0:
-        from ..ckpt.universal import to_universal
+    if latest != plan.path:  # the newest failed verification: every rank checks the older one alike
+        plan = plan_resume(cfg, latest, world_size=groups.world_size, **facts)
+    if groups.rank == 0 and plan.changes:
+        log.info("resuming %s with changed settings: %s", latest, "; ".join(str(c) for c in plan.changes))
+    if plan.reshard:
+        if groups.rank == 0:
+            from ..ckpt.universal import to_universal
 
-        log.info("resharding %s (%s) through DeepSpeed's universal checkpoint", latest, change)
-        to_universal(latest)
-    barrier()
-    return latest, True
+            log.info("resharding %s (%s) through DeepSpeed's universal checkpoint", latest, plan.layout_change)
+            to_universal(latest)
+        barrier()
+    return plan
 
 
 def restore_checkpoint(run: Run, path: Path, *, universal: bool = False) -> dict:
@@ -226,7 +217,7 @@ def restore_checkpoint(run: Run, path: Path, *, universal: bool = False) -> dict
     return shared
 
 
-def _attach_training(run: Run, manifest: Mixture, resume: tuple[Path, bool] | None) -> None:
+def _attach_training(run: Run, manifest: Mixture, resume: ResumePlan | None) -> None:
     """Loader, run directory, checkpoints (resumed if any) and metric sinks."""
     cfg, groups = run.cfg, run.groups
     run.loader = StreamingLoader(manifest, LoaderConfig.from_config(cfg.data, cfg.train), dp_rank=groups.dp_rank,
@@ -237,7 +228,7 @@ def _attach_training(run: Run, manifest: Mixture, resume: tuple[Path, bool] | No
     valid = valid_manifest(cfg, manifest)
     if valid is not None:
         run.valid_batches = validation_batches(cfg, valid, run.vocab.num_tokens)
-    run.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run.run_dir = run_dir(cfg)
     run.config_text = dump_config(cfg)
     if run.rank0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +236,7 @@ def _attach_training(run: Run, manifest: Mixture, resume: tuple[Path, bool] | No
     run.ckpt = CheckpointManager(checkpoint_dir(cfg), keep=cfg.checkpoint.keep)
     run_id = None
     if resume is not None:
-        latest, universal = resume
+        latest, universal = resume.path, resume.reshard
         shared = restore_checkpoint(run, latest, universal=universal)
         run_id, run.resumed_from = shared.get("wandb_run_id"), latest
         if run.rank0:

@@ -1,0 +1,135 @@
+"""The catalogue of bad input the README promises to catch, each run through the entry point
+(``launch/pretrain.py: main``): exit status 2, one message naming the culprit, no traceback, no
+collective waited on (``MASTER_PORT=1``: one would fail), and an existing run left byte for byte.
+
+The resume cases start from one real checkpoint written by a short training run (one process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ..helpers import REPO, cpu_rank_env, free_port, make_corpus
+
+spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "launch" / "pretrain.py")
+pretrain = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pretrain)
+
+BASE = {"model": {"dim": 32, "depth": 1, "heads": 2}, "train": {"steps": 2, "global_batch": 4, "micro_batch": 2},
+        "data": {"seq_len": 16, "num_streams": 2}, "checkpoint": {"every": 1},
+        "logging": {"wandb": "disabled", "progress_bar": False}, "run": {"name": "r"}}
+
+# (overrides, environment, the message's words); WORLD_SIZE defaults to 1
+VALIDATION = {
+    "unknown key + close match": (["model.deptth=3"], {}, "model.deptth: unknown key (did you mean 'depth'?)"),
+    "unknown section": (["optimm.lr=1"], {}, "optimm: unknown key (did you mean 'optim'?)"),
+    "wrong type": (["train.steps=ten"], {}, "train.steps='ten': Input should be a valid integer"),
+    "heads % tp": (["model.heads=6", "model.dim=96", "parallel.tp=4"], {},
+                   "model.heads=6 must be divisible by parallel.tp=4"),
+    "kv heads": (["model.heads=8", "model.kv_heads=3"], {}, "model.kv_heads=3 must divide model.heads=8"),
+    "kv heads % tp": (["model.heads=8", "model.kv_heads=2", "parallel.tp=4"], {},
+                      "model.kv_heads=2 must be divisible by parallel.tp=4"),
+    "dim % heads": (["model.dim=100", "model.heads=8"], {}, "model.dim=100 must be divisible by model.heads=8"),
+    "micro divides global": (["train.global_batch=10", "train.micro_batch=4"], {},
+                             "train.global_batch=10 must be a multiple of train.micro_batch=4"),
+    "bad zero stage": (["parallel.zero_stage=5"], {}, "parallel.zero_stage=5"),
+    "mode vs kind": (["data.mode=span"], {}, "set model.kind=encoder_decoder"),
+}
+LAUNCH = {
+    "batch vs DP": (["train.global_batch=6", "train.micro_batch=2"], {"WORLD_SIZE": "2"},
+                    "train.global_batch=6 must equal train.micro_batch=2 x accumulation x data-parallel size 2"),
+    "tp vs world": (["parallel.tp=2", "model.heads=2"], {"WORLD_SIZE": "3"},
+                    "parallel.tp=2 must divide the world size 3"),
+    "fp16 on CPU": (["train.precision=fp16"], {}, "train.precision=fp16: not supported on CPU"),
+    "missing shards": (["data.shards=/nowhere"], {}, "data.shards='/nowhere'"),
+    "streams vs DP": (["data.num_streams=3", "train.global_batch=6", "train.micro_batch=3"], {"WORLD_SIZE": "2"},
+                      "data.num_streams=3 must be divisible by the data-parallel size 2"),
+}
+PATHS = {
+    "checkpoint dir is a file": (["checkpoint.dir={run}/config.yaml"], {}, "checkpoint.dir='{run}/config.yaml': "
+                                 "{run}/config.yaml is a file, expected a directory"),
+    "run dir is a file": (["run.name=r/config.yaml"], {}, "{run}/config.yaml is a file, expected a directory"),
+    "out dir under a file": (["run.out_dir={run}/config.yaml/x"], {}, "cannot be created: {run}/config.yaml is a file"),
+}
+RESUME = {
+    "model.dim changed": (["model.dim=64"], {}, "model.dim=32 in the checkpoint, 64 now"),
+    "model.dim changed, 2 ranks": (["model.dim=64", "train.global_batch=4"], {"WORLD_SIZE": "2", "RANK": "1"},
+                                   "model.dim=32 in the checkpoint, 64 now"),
+    "two shape keys": (["model.depth=2", "model.ff_glu=true"], {},
+                       "model.depth=1 in the checkpoint, 2 now; model.ff_glu=False in the checkpoint, True now"),
+    "the stream's cut": (["data.seq_len=32"], {}, "data.seq_len=16 in the checkpoint, 32 now"),
+    "another layout, reshard off": (["checkpoint.reshard=off"], {"WORLD_SIZE": "2"},
+                                    "another layout (dp 1 -> 2) and checkpoint.reshard=off"),
+    "into ZeRO-3": (["parallel.zero_stage=3"], {}, "zero_stage 1 -> 3"),
+    "ZeRO 0": (["parallel.zero_stage=0"], {}, "needs ZeRO stage 1, 2 or 3"),
+}
+CATALOGUE = {**VALIDATION, **LAUNCH, **PATHS, **RESUME}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory with the checkpoints of 2 steps (one process), and its config file."""
+    root = tmp_path_factory.mktemp("bad_input")
+    make_corpus(root / "shards", num_docs=60, shard_tokens=300)
+    cfg = {**BASE, "data": {**BASE["data"], "shards": str(root / "shards")}, "run": {"name": "r", "out_dir": str(root)}}
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = cpu_rank_env(clean=True, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (root / "r" / "checkpoints" / "step-00000002" / "COMPLETE").exists()
+    return path, root / "r"
+
+
+def _snapshot(run) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE))
+def test_bad_input_exits_2_naming_the_culprit(case, trained, monkeypatch, capsys):
+    path, run = trained
+    overrides, env, words = CATALOGUE[case]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                 "DS_ACCELERATOR": "cpu", **env}.items():
+        monkeypatch.setenv(k, v)
+    before = _snapshot(run)
+    assert pretrain.main(["--config", str(path), *(o.format(run=run) for o in overrides)]) == 2
+    err = capsys.readouterr().err
+    assert words.format(run=run) in err, err
+    assert err.startswith("pretrain: ") and "Traceback" not in err, err
+    if case in PATHS or case in RESUME:
+        assert len(err.strip().splitlines()) == 1, err  # one line
+    assert _snapshot(run) == before  # nothing of the existing run changed
+
+
+def test_config_path_that_is_a_directory_or_missing(tmp_path, capsys):
+    assert pretrain.main(["--config", str(tmp_path)]) == 2
+    assert f"config file {tmp_path} is a directory, expected a YAML file" in capsys.readouterr().err
+    assert pretrain.main(["--config", str(tmp_path / "none.yaml")]) == 2
+    assert f"config file {tmp_path / 'none.yaml'} does not exist" in capsys.readouterr().err
+
+
+def test_resume_with_allowed_changes_logs_them(trained, tmp_path):
+    """Steps and learning rate may change: the run resumes and says what changed, once."""
+    path, run = trained
+    shutil.copytree(run, tmp_path / "r")  # the catalogue's run stays as it is
+    env = cpu_rank_env(clean=True, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(path),
+                          "train.steps=3", "optim.lr=0.001", f"run.out_dir={tmp_path}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr and "at step 2" in res.stderr, res.stderr[-3000:]
+    changed = [line for line in res.stderr.splitlines() if "with changed settings" in line]
+    assert len(changed) == 1 and "optim.lr: 0.0003 -> 0.001" in changed[0] and "train.steps: 2 -> 3" in changed[0]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # the copied history, then the new step
