@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--corpus-docs", type=int, default=24000, help="data mode: documents of the synthetic corpus")
     p.add_argument("--shard-mib", type=int, default=1024, help="data mode: shard size for the memory check (0: skip)")
+    p.add_argument("--mixture-steps", type=int, default=10_000, help="data mode: steps of the mixture share check")
     p.add_argument("--config", help="memory / comm modes: the model of this run config (at TP=2)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
@@ -234,12 +235,38 @@ def _memory_child(shards: str, seq: int, streams: int, batches: int) -> None:
     print(json.dumps({"before_mib": before, "first_mib": first, "peak_mib": peak}))
 
 
+MIX_LENGTHS = {"long": "4k-30k tokens", "short": "16-600 tokens"}
+
+
+def _mixture_share_errors(root: str, kind: str, steps: int) -> dict[int, float]:
+    """The largest |share - weight| over 3 sources, counted from the ids of the rows handed out
+    (each source has its own id range), at 100, 1,000, ... steps up to ``steps``."""
+    from xft_dist.data import LoaderConfig, Manifest, Mixture, Source, StreamingLoader
+
+    names, weights = ("web", "code", "books"), (0.5, 0.3, 0.2)
+    ranges = {"web": (3, 100), "code": (100, 180), "books": (180, 259)}
+    lo, hi, docs, shard = (4096, 30_000, 60, 60_000) if kind == "long" else (16, 600, 3000, 30_000)
+    for i, n in enumerate(names):
+        _synthetic_shards(f"{root}/{n}", docs=docs, shard_tokens=shard, lo=lo, hi=hi, seed=i + 1, ids=ranges[n])
+    mix = Mixture([Source(n, Manifest.load(f"{root}/{n}"), w) for n, w in zip(names, weights)])
+    it = iter(StreamingLoader(mix, LoaderConfig(seq_len=128, global_rows=8, num_streams=4)))
+    counts, out, marks = dict.fromkeys(names, 0), {}, {10 ** k for k in range(2, 8)}
+    for step in range(1, steps + 1):
+        ids = next(it)["input_ids"].numpy()
+        for n, (a, b) in ranges.items():
+            counts[n] += int(((ids >= a) & (ids < b)).sum())
+        if step in marks:
+            total = sum(counts.values())
+            out[step] = max(abs(counts[n] / total - w) for n, w in zip(names, weights))
+    return out
+
+
 def bench_data(a) -> int:
     """Packed loader vs a minimal packer on the same shards (one process, and with workers); loader
     memory with 4 streams over large shards; token shares of a 3-source mixture."""
     import tempfile
 
-    from xft_dist.data import LoaderConfig, Manifest, Mixture, Source, StreamingLoader
+    from xft_dist.data import LoaderConfig, Manifest, StreamingLoader
 
     tmp = tempfile.TemporaryDirectory()
     if a.shards is None:
@@ -292,22 +319,11 @@ def bench_data(a) -> int:
               f"{mem['before_mib']:,.0f} MiB before the loader, {mem['first_mib']:,.0f} MiB after its first batch, "
               f"peak {mem['peak_mib']:,.0f} MiB over 200 more: growth {mem['peak_mib'] - mem['before_mib']:,.0f} MiB")
 
-    names, weights = ("web", "code", "books"), (0.5, 0.3, 0.2)
-    ranges = {"web": (3, 100), "code": (100, 180), "books": (180, 259)}
-    lengths = {"web": (64, 512), "code": (256, 2048), "books": (1024, 2048)}
-    for i, n in enumerate(names):
-        _synthetic_shards(f"{tmp.name}/{n}", docs=1500, shard_tokens=1 << 15, lo=lengths[n][0], hi=lengths[n][1],
-                          seed=i + 1, ids=ranges[n])
-    mix = Mixture([Source(n, Manifest.load(f"{tmp.name}/{n}"), w) for n, w in zip(names, weights)])
-    counts = dict.fromkeys(names, 0)
-    it = iter(StreamingLoader(mix, LoaderConfig(seq_len=a.seq, global_rows=64, num_streams=8)))
-    for _ in range(20_000 // 64 + 1):
-        ids = next(it)["input_ids"].numpy()
-        for n, (lo, hi) in ranges.items():
-            counts[n] += int(((ids >= lo) & (ids < hi)).sum())
-    total = sum(counts.values())
-    shares = ", ".join(f"{n} {counts[n] / total:.4f} (weight {w})" for n, w in zip(names, weights))
-    print(f"\nmixture over {(20_000 // 64 + 1) * 64:,} rows of {a.seq}: token shares {shares}")
+    for kind in ("long", "short"):
+        errors = _mixture_share_errors(f"{tmp.name}/{kind}", kind, a.mixture_steps)
+        print(f"\nmixture of {kind} documents ({MIX_LENGTHS[kind]}), weights 0.5 / 0.3 / 0.2, the tiny shape "
+              "(seq 128, 8 rows, 4 streams): largest share error " +
+              ", ".join(f"{e:.4f} at {s:,} steps" for s, e in errors.items()))
     tmp.cleanup()
     return 0
 

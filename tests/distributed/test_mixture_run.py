@@ -74,3 +74,35 @@ def test_per_source_counts_are_logged_and_a_resumed_mixture_continues_exactly(wo
     losses2 = [r["loss"] for r in rows2 if "loss" in r]
     assert losses2 == pytest.approx(losses, rel=1e-5)
     assert _data(rows2)[STEPS] == last
+
+
+def test_long_documents_hold_their_weights_after_100_steps_on_2_ranks(tmp_path):
+    """Three sources of documents up to 30k tokens at 0.5 / 0.3 / 0.2, the tiny config's data shape
+    (seq 128, 8 rows, 4 streams) on 2 ranks: the logged shares are within one row per stream of the
+    weights at every logged step, 0.02 at step 100."""
+    import numpy as np
+
+    from xft_dist.data.shards import ShardWriter
+    from xft_dist.data.tokenizer import ByteTokenizer
+
+    names, weights = ("a", "b", "c"), (0.5, 0.3, 0.2)
+    for i, n in enumerate(names):
+        rng = np.random.default_rng(i)
+        with ShardWriter(tmp_path / n, ByteTokenizer().identity(), shard_tokens=30_000) as w:
+            for _ in range(8):
+                w.write(rng.integers(3, 259, int(rng.integers(15_000, 30_000))))
+    (tmp_path / "cfg.yaml").write_text(json.dumps({
+        "model": {"dim": 32, "depth": 1, "heads": 2},
+        "data": {"sources": [{"shards": str(tmp_path / n), "weight": w} for n, w in zip(names, weights)],
+                 "seq_len": 128, "num_streams": 4},
+        "train": {"steps": 100, "global_batch": 8, "micro_batch": 4},
+        "checkpoint": {"every": 1000}, "logging": {"every": 10, "wandb": "disabled", "progress_bar": False},
+        "run": {"out_dir": str(tmp_path / "runs")}}))
+    rows = _train(tmp_path, "long", 2)
+    logged = {r["step"]: [r[f"data/{n}/tokens"] for n in names] for r in rows if "data/a/tokens" in r}
+    assert sorted(logged) == [1, *range(10, 101, 10)]
+    for step, tokens in logged.items():
+        assert sum(tokens) == step * 8 * 128  # the tokens of the rows trained on, nothing read ahead
+        worst = max(abs(t / sum(tokens) - w) for t, w in zip(tokens, weights))
+        assert worst <= 4 * 128 / sum(tokens) + 1e-9, (step, tokens)
+    assert max(abs(t / sum(logged[100]) - w) for t, w in zip(logged[100], weights)) <= 0.02

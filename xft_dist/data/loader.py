@@ -31,8 +31,10 @@ from .shards import Manifest
 from .sources import DEFAULT_SHUFFLE_BUFFER, Mixture, ReadReport, SourceReader, pick_source
 
 log = logging.getLogger("xft_dist.data")
+_OLD_FORMATS = {1: "format 1 was written before shards were read in bounded memory",
+                2: "format 2 chose a mixture's source per document, format 3 per row"}
 MODES = ("packed", "padded", "span")
-STATE_FORMAT = 2  # 1: one corpus, per-shard permutations (before bounded-memory reading)
+STATE_FORMAT = 3  # 2: sources chosen per document; 1: one corpus, per-shard permutations
 
 
 @dataclass(frozen=True)
@@ -80,102 +82,137 @@ def num_sentinels(cfg: LoaderConfig) -> int:
 
 
 def _initial_state(num_sources: int = 1) -> dict:
-    """A stream's state: per source ``[epoch, shard_pos, doc_pos, tokens drawn]`` as they were
-    before the document at the head of the stream was drawn, the source of that document
-    (``head``), and ``offset`` into it (tokens when packing, rows otherwise)."""
-    return {"sources": [[0, 0, 0, 0] for _ in range(num_sources)], "head": 0, "offset": 0}
+    """A stream's state: per source ``[epoch, shard_pos, doc_pos, offset, tokens]``: where the
+    source's head document (the first with tokens left for this stream) is read from, the offset
+    into it (tokens when packing, rows otherwise), and the tokens the source has handed out in rows."""
+    return {"sources": [[0, 0, 0, 0, 0] for _ in range(num_sources)]}
+
+
+class _Cursor:
+    """One source's documents for one stream: those read ahead of the rows handed out (each with
+    the position it was read from) and the offset into the first; ``tokens`` handed out so far."""
+
+    def __init__(self, reader: SourceReader, offset: int, tokens: int):
+        self.reader, self.offset, self.tokens = reader, offset, tokens
+        self.buf: list[tuple[tuple, object]] = []
+        self.have = -offset  # packed: tokens (documents + EOS) buffered past the offset
+
+    def pull(self, make=None) -> None:
+        before = self.reader.position
+        doc = self.reader.next().astype(np.int64)
+        self.buf.append((before, doc if make is None else make(before, doc)))
+        self.have += len(doc) + 1
+
+    def state(self) -> list[int]:
+        head = self.buf[0][0] if self.buf else self.reader.position
+        return [*head, self.offset, self.tokens]
+
+    def take_packed(self, k: int, seq_len: int, eos_id: int) -> dict[str, np.ndarray]:
+        """``k`` rows cut from this source's documents, exactly as one corpus is packed."""
+        while self.have < k * seq_len + 1:
+            self.pull()
+        docs = [d for _, d in self.buf]
+        docs[0] = docs[0][self.offset:]  # only the head's tail takes part (positions restart per row anyway)
+        rows, cursor = pack_rows(docs, 0, k, seq_len, eos_id=eos_id)
+        self.offset = cursor.offset + (self.offset if cursor.doc == 0 else 0)
+        self.buf = self.buf[cursor.doc:]
+        self.have -= k * seq_len
+        self.tokens += k * seq_len
+        return rows
+
+    def take_unit(self, make) -> dict[str, np.ndarray]:
+        """The next row of this source's documents (padded rows or span-corruption examples)."""
+        if not self.buf:
+            self.pull(make)  # the head document, resumed at ``offset``
+        while self.offset >= len(self.buf[0][1]):
+            self.buf, self.offset = [], 0
+            self.pull(make)
+        row, tokens = self.buf[0][1][self.offset]
+        self.offset += 1
+        self.tokens += tokens
+        return row
 
 
 class _Stream:
-    """One stream: its documents in order (one source, or a weighted mixture), turned into rows."""
+    """One stream's rows. Each row's source is the one furthest below its weight's share of the
+    tokens the stream has handed out in rows (``pick_source``); a row holds the next tokens of that
+    source's own document stream, packed (or padded, or span-corrupted) exactly as one corpus is.
+    Every source's share is then within one row of its weight at every step, whatever the
+    documents' lengths."""
 
     def __init__(self, sid: int, mixture: Mixture, cfg: LoaderConfig, vocab_size: int, state: dict):
         self.sid, self.mixture, self.cfg, self.vocab_size = sid, mixture, cfg, vocab_size
         tok = mixture.tokenizer
         self.eos, self.pad = tok["eos_id"], tok["pad_id"]
         self.start_id = tok.get("bos_id") if tok.get("bos_id") is not None else tok["eos_id"]
-        self.state = copy.deepcopy(state)
         self.events: list[str] = []
         self._report = ReadReport()
-        self._docs_iter = self._iter_docs()
-        self._buf: list[tuple[list, np.ndarray]] = []  # packed: docs from the cursor on
         if cfg.mode == "span":
             self.raw_len = raw_length_for(cfg.enc_len, cfg.seq_len, cfg.noise_density, cfg.mean_span)
+        self.cursors = [
+            _Cursor(SourceReader(src.manifest, stream=sid, num_streams=cfg.num_streams, seed=cfg.seed, salt=i,
+                                 shuffle=cfg.shuffle, buffer=cfg.shuffle_buffer, vocab_size=vocab_size,
+                                 skip_bad=cfg.skip_bad, report=self._report, position=tuple(s[:3])),
+                    offset=s[3], tokens=s[4])
+            for i, (src, s) in enumerate(zip(mixture.sources, state["sources"]))]
 
-    def _iter_docs(self):
-        """(snapshot, document) from the state on: the snapshot (every source's position and token
-        count before this document was drawn, and the source it came from) restarts the sequence at
-        this document."""
-        cfg, weights = self.cfg, self.mixture.weights
-        positions = [list(p) for p in self.state["sources"]]
-        readers = [SourceReader(src.manifest, stream=self.sid, num_streams=cfg.num_streams, seed=cfg.seed, salt=i,
-                                shuffle=cfg.shuffle, buffer=cfg.shuffle_buffer, vocab_size=self.vocab_size,
-                                skip_bad=cfg.skip_bad, report=self._report, position=tuple(positions[i][:3]))
-                   for i, src in enumerate(self.mixture.sources)]
-        while True:
-            before = [list(p) for p in positions]
-            i = pick_source(weights, [p[3] for p in positions]) if len(readers) > 1 else 0
-            snapshot = {"sources": before, "head": i}
-            doc = readers[i].next().astype(np.int64)
-            positions[i][:3] = readers[i].position
-            positions[i][3] += len(doc)
-            self.events.extend(self._report.messages)
-            self._report.messages.clear()
-            yield snapshot, doc
+    @property
+    def state(self) -> dict:
+        return {"sources": [c.state() for c in self.cursors]}
 
-    def _set_state(self, snapshot, offset: int) -> None:
-        self.state = {"sources": snapshot["sources"], "head": snapshot["head"], "offset": offset}
+    def _picks(self, k: int) -> list[int]:
+        if len(self.cursors) == 1:
+            return [0] * k
+        tokens, picks = [c.tokens for c in self.cursors], []
+        for _ in range(k):
+            picks.append(pick_source(self.mixture.weights, tokens))
+            tokens[picks[-1]] += self.cfg.seq_len
+        return picks
 
     def take(self, k: int) -> dict[str, np.ndarray]:
-        if self.cfg.mode == "packed":
-            return self._take_packed(k)
-        rows = self._take_units(k)
-        return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-
-    def _take_packed(self, k: int) -> dict[str, np.ndarray]:
-        need, offset = k * self.cfg.seq_len + 1, self.state["offset"]
-        have = sum(len(d) + 1 for _, d in self._buf) - offset
-        while have < need:
-            self._buf.append(next(self._docs_iter))
-            have += len(self._buf[-1][1]) + 1
-        rows, cursor = pack_rows([d for _, d in self._buf], offset, k, self.cfg.seq_len, eos_id=self.eos)
-        self._buf = self._buf[cursor.doc:]
-        self._set_state(self._buf[0][0], cursor.offset)
+        rows = self._take_packed(k) if self.cfg.mode == "packed" else self._take_units(k)
+        self.events.extend(self._report.messages)
+        self._report.messages.clear()
         return rows
 
-    def _units(self, loc, doc) -> list[dict]:
+    def _take_packed(self, k: int) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        picks = self._picks(k)
+        if len(set(picks)) == 1:
+            return self.cursors[picks[0]].take_packed(k, cfg.seq_len, self.eos)
+        parts = {i: self.cursors[i].take_packed(picks.count(i), cfg.seq_len, self.eos) for i in sorted(set(picks))}
+        seen = dict.fromkeys(parts, 0)
+        order = []
+        for i in picks:
+            order.append((i, seen[i]))
+            seen[i] += 1
+        return {key: np.stack([parts[i][key][j] for i, j in order]) for key in parts[picks[0]]}
+
+    def _take_units(self, k: int) -> dict[str, np.ndarray]:
+        rows = []
+        for _ in range(k):  # a row's tokens are known once it is cut: choose one row at a time
+            i = pick_source(self.mixture.weights, [c.tokens for c in self.cursors]) if len(self.cursors) > 1 else 0
+            rows.append(self.cursors[i].take_unit(lambda pos, doc, i=i: self._units(i, pos, doc)))
+        return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+    def _units(self, source: int, pos: tuple, doc: np.ndarray) -> list[tuple[dict, int]]:
+        """A document's rows, each with the document tokens it holds."""
         if self.cfg.mode == "padded":
-            return pad_rows(doc, self.cfg.seq_len, eos_id=self.eos, pad_id=self.pad)
+            return [(r, int(r["mask"].sum())) for r in pad_rows(doc, self.cfg.seq_len, eos_id=self.eos,
+                                                                 pad_id=self.pad)]
         out = []
         for i, chunk in enumerate(chunk_for_span_corruption(doc, self.raw_len)):
-            rng = np.random.default_rng([self.cfg.seed, *(v for p in loc["sources"] for v in p[:3]), i, self.sid])
-            out.append(span_corruption(chunk, enc_len=self.cfg.enc_len, dec_len=self.cfg.seq_len,
-                                       sentinel_start=self.vocab_size_tokenizer, eos_id=self.eos,
-                                       pad_id=self.pad, start_id=self.start_id, rng=rng,
-                                       noise_density=self.cfg.noise_density, mean_span=self.cfg.mean_span))
+            rng = np.random.default_rng([self.cfg.seed, *pos, *([source] if source else []), i, self.sid])
+            out.append((span_corruption(chunk, enc_len=self.cfg.enc_len, dec_len=self.cfg.seq_len,
+                                        sentinel_start=self.vocab_size_tokenizer, eos_id=self.eos,
+                                        pad_id=self.pad, start_id=self.start_id, rng=rng,
+                                        noise_density=self.cfg.noise_density, mean_span=self.cfg.mean_span),
+                        len(chunk)))
         return out
 
     @property
     def vocab_size_tokenizer(self) -> int:
         return self.mixture.tokenizer["vocab_size"]
-
-    def _take_units(self, k: int) -> list[dict]:
-        rows = []
-        if not self._buf:
-            loc, doc = next(self._docs_iter)
-            self._buf = [(loc, self._units(loc, doc))]
-        offset = self.state["offset"]
-        while True:
-            loc, units = self._buf[0]
-            while offset < len(units) and len(rows) < k:
-                rows.append(units[offset])
-                offset += 1
-            if offset == len(units):
-                loc, doc = next(self._docs_iter)
-                self._buf, offset = [(loc, self._units(loc, doc))], 0
-            if len(rows) == k:
-                self._set_state(self._buf[0][0], offset)
-                return rows
 
 
 class _Source(torch.utils.data.IterableDataset):
@@ -282,14 +319,12 @@ class StreamingLoader:
         return {"manifest": self.mixture.digest, **{k: cfg[k] for k in keys}}
 
     def source_stats(self) -> dict[str, dict[str, int]]:
-        """Per source, over this rank's streams after the batches handed out: ``tokens`` (document
-        tokens handed out in rows; in padded / span mode, of the documents begun) and ``epoch`` (the
-        furthest any stream has got)."""
-        packed = self.cfg.mode == "packed"
+        """Per source, over this rank's streams after the batches handed out: ``tokens`` (the tokens
+        of the rows handed out: ``seq_len`` a packed row, the document tokens a padded row or span
+        example holds; never those read ahead) and ``epoch`` (the furthest any stream has got)."""
         out = {}
         for i, src in enumerate(self.mixture.sources):
-            tokens = sum(st["sources"][i][3] + (st["offset"] if packed and st["head"] == i else 0)
-                         for st in self._states.values())
+            tokens = sum(st["sources"][i][4] for st in self._states.values())
             out[src.name] = {"tokens": tokens, "epoch": max(st["sources"][i][0] for st in self._states.values())}
         return out
 
@@ -312,9 +347,10 @@ class StreamingLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise DataError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT} (format 1 was "
-                            "written before shards were read in bounded memory; its document order cannot be "
-                            "continued exactly: start the data from the beginning or resume with that version)")
+            why = _OLD_FORMATS.get(state.get("format"), "an unknown format")
+            raise DataError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}: {why}; its data "
+                            "order cannot be continued exactly: start the data from the beginning (a fresh "
+                            "run.name) or resume with the version that wrote it")
         mine = self.fingerprint()
         for key, value in mine.items():
             if state["fingerprint"].get(key) != value:

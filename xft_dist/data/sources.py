@@ -11,11 +11,12 @@ resumed exactly by reading the shard again from its start and skipping that many
 
 **Mixtures.** Each source has its own shard order per epoch (the shards dealt round-robin to the
 streams, as for one corpus) and runs its epochs on its own: a source that runs out starts its next
-epoch while the others go on. A stream picks the source of its next document deterministically:
-the one furthest below its weight's share of the tokens the stream has drawn so far
-(``weight_i * total - tokens_i``, ties to the first). Realised token shares then stay within one
-document of the weights on every stream, whatever the sources' document lengths, and the whole
-choice is a function of the per-source token counts, which are part of the stream state.
+epoch while the others go on. A stream blends its sources row by row (``loader._Stream``): each
+row comes from the source furthest below its weight's share of the tokens the stream has handed
+out in rows (``weight_i * total - tokens_i``, ties to the first), and holds the next tokens of that
+source's own document stream. Realised shares then stay within one row of the weights on every
+stream at every step, whatever the documents' lengths, and the choice is a function of the
+per-source token counts, which are part of the stream state.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Mixture:
     def digest(self) -> str:
         if len(self.sources) == 1:
             return self.sources[0].manifest.digest
-        text = ";".join(f"{s.name}={s.manifest.digest}@{w:.12g}" for s, w in zip(self.sources, self.weights))
+        # The weights are not part of it: a resumed run may change them (the counts carry on).
+        text = ";".join(f"{s.name}={s.manifest.digest}" for s in self.sources)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check_streams(self, num_streams: int) -> None:
