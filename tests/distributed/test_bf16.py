@@ -11,6 +11,8 @@ import pytest
 
 from .harness import CheckSet
 
+pytestmark = pytest.mark.slow  # 4 launches of 20 bf16 steps each (minutes)
+
 BF16 = CheckSet(world_size=2, timeout_s=600)
 STEPS = 20
 

@@ -20,14 +20,15 @@ def test_make_pretrain_trains_the_default_and_says_where_everything_is(tmp_path)
                          timeout=800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for line in ("run tiny: 40 steps", "checkpoint: ", "metrics: ", "W&B (offline): ", "validation loss ",
-                 "sample: 'def ' -> "):
+                 "sample: 'def ' -> ", f"curves:     {tmp_path}/tiny/curves.png"):
         assert line in res.stdout, res.stdout[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
     assert (tmp_path / "tiny" / "checkpoints" / "step-00000040" / "COMPLETE").exists()
     valid = [r["valid/loss"] for r in rows if "valid/loss" in r]
-    assert len(valid) == 1  # at the end (every 50 steps otherwise)
+    assert len(valid) == 1  # at the end (every 200 steps otherwise)
+    assert (tmp_path / "tiny" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     # the README's tools work on the checkpoint it leaves
     py = str(REPO / ".venv" / "bin" / "python")

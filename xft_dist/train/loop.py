@@ -188,7 +188,7 @@ def train(r: Run, *, stop=None) -> dict:
                             drop_update=drop_update)
         step = r.step = step + 1
         _beat(dog, f"logging step {step}")
-        metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+        metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens, "grad_norm": result.grad_norm,
                    "loss_tokens": result.loss_tokens, "skipped_micro_batches": result.skipped_micro,
                    **meter.finish(tokens=result.tokens, real_tokens=result.real_tokens,
                                   loss_tokens=result.loss_tokens)}
@@ -295,14 +295,29 @@ def finish(r: Run, summary: dict) -> None:
             print(f"\nvalidation loss {valid['valid/loss']:.4f} (perplexity {valid['valid/ppl']:.2f}{bpb})", flush=True)
         for x in summary.get("samples") or []:
             print(f"\nsample: {x['prompt']!r} -> {x['continuation']!r}", flush=True)
+        picture = _draw_curves(r)
         print(f"\nrun {cfg.run.name}: {step} steps{f' (stopped: {reason})' if reason else ''}\n"
               f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
+              f"  curves:     {picture or 'not drawn (see the log)'}\n"
               f"  W&B ({r.sinks.mode}): {summary['wandb'] or 'disabled'}{sync}", flush=True)
     barrier()
     dist.destroy_process_group()
     if dog is not None:
         dog.stop()
     _release_shm_buffer()
+
+
+def _draw_curves(r: Run) -> Path | None:
+    """runs/<name>/curves.png from the run's metrics.jsonl (rank 0); a failure is logged, never fatal."""
+    from ..obs.plot import curves, plot, read_rows
+
+    out = r.run_dir / "curves.png"
+    try:
+        plot([curves(read_rows(r.sinks.jsonl_path), label=r.cfg.run.name)], out)
+    except Exception as e:  # noqa: BLE001 - a picture must not fail a finished run
+        log.warning("could not draw %s: %s", out, e)
+        return None
+    return out
 
 
 def _leave_world() -> None:
