@@ -57,3 +57,17 @@ def test_files_beside_the_manifest_and_old_checkpoints(tmp_path):
     assert CheckpointManager(tmp_path).verify(path) == []
     (path / integrity.FILES).write_text("{}")
     assert "not a checkpoint file manifest" in CheckpointManager(tmp_path).verify(path)[0]
+
+
+def test_the_resume_plan_passes_over_a_checkpoint_whose_state_is_damaged(tmp_path):
+    from xft_dist.config import Config
+    from xft_dist.train.resume import newest_checkpoint
+
+    files = {**FILES, "xft_state.json": b'{"step": 8}', "config.yaml": b"model: {dim: 8}\n"}
+    older, newest = _fake(tmp_path, 4, files), _fake(tmp_path, 8, files)
+    cfg = Config.model_validate({"data": {"shards": str(tmp_path)}, "checkpoint": {"dir": str(tmp_path)}})
+    assert newest_checkpoint(cfg) == newest
+    (newest / "xft_state.json").write_bytes(b'{"step": \x8d}')  # a flipped byte: not even UTF-8
+    assert newest_checkpoint(cfg) == older  # planned from the previous one; verification marks this one
+    (older / "config.yaml").write_text("model: {dim: 9}\n")
+    assert newest_checkpoint(cfg) is None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ..ckpt import CheckpointManager
+from ..ckpt import CheckpointManager, integrity
 from ..config import Config, ConfigError
 from ..config.resume import Change, check_resume
 
@@ -104,8 +104,26 @@ def plan_resume(cfg: Config, path: Path, *, world_size: int, tokenizer: dict, nu
     return ResumePlan(path=path, changes=changes, layout_change=layout)
 
 
+_METADATA = ("xft_state.json", "config.yaml")
+
+
+def _metadata_intact(path: Path) -> bool:
+    """The small files ``plan_resume`` reads match the checkpoint's manifest (the full, collective
+    verification comes once the world exists)."""
+    try:
+        expected = integrity.read_manifest(path)
+    except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if expected is None:
+        return True  # written before manifests existed: nothing to check against
+    return not integrity.check(path, expected, [n for n in _METADATA if n in expected])
+
+
 def newest_checkpoint(cfg: Config) -> Path | None:
-    """The newest complete checkpoint resume would start from (unverified; None without resume)."""
+    """The newest complete checkpoint resume would start from (its large files unverified; None
+    without resume). One whose state or config fails its manifest is passed over here; the
+    collective verification names and marks it."""
     if not cfg.checkpoint.resume:
         return None
-    return CheckpointManager(checkpoint_dir(cfg), keep=cfg.checkpoint.keep).latest()
+    done = CheckpointManager(checkpoint_dir(cfg), keep=cfg.checkpoint.keep).complete()
+    return next((p for p in reversed(done) if _metadata_intact(p)), None)
