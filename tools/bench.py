@@ -252,7 +252,7 @@ def _mixture_share_errors(root: str, kind: str, steps: int) -> dict[int, float]:
     it = iter(StreamingLoader(mix, LoaderConfig(seq_len=128, global_rows=8, num_streams=4)))
     counts, out, marks = dict.fromkeys(names, 0), {}, {10 ** k for k in range(2, 8)}
     for step in range(1, steps + 1):
-        ids = next(it)["input_ids"].numpy()
+        ids = next(it).input_ids.numpy()
         for n, (a, b) in ranges.items():
             counts[n] += int(((ids >= a) & (ids < b)).sum())
         if step in marks:
@@ -294,7 +294,7 @@ def bench_data(a) -> int:
             next(it)
             clock["t0"], n = time.perf_counter(), 0
             while n < a.data_tokens:
-                n += next(it)["input_ids"].numel()
+                n += next(it).input_ids.numel()
             return n
         return run
 

@@ -40,12 +40,12 @@ def make_batches(a, path: Path) -> None:
                           "--shard-tokens", "250000", "--quiet"], capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"make_shards failed:\n{res.stderr[-2000:]}")
-    loader = StreamingLoader(shards, LoaderConfig(seq_len=a.seq, global_rows=a.batch * 4, num_streams=4,
+    # rows of seq + 1 packed tokens (the inputs of a loader one token longer): both models shift them
+    loader = StreamingLoader(shards, LoaderConfig(seq_len=a.seq + 1, global_rows=a.batch * 4, num_streams=4,
                                                   seed=a.seed))
     rows, it = [], iter(loader)
     while len(rows) < a.steps * a.batch:
-        b = next(it)
-        rows.extend(torch.cat([b["input_ids"], b["labels"][:, -1:]], dim=1))
+        rows.extend(next(it).input_ids)
     torch.save(torch.stack(rows[: a.steps * a.batch]).view(a.steps, a.batch, a.seq + 1), path)
 
 

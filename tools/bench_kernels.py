@@ -103,8 +103,8 @@ def run_attention(variant: str, a) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from xft_dist.data.batch import DocLayout
     from xft_dist.nn import Attention
-    from xft_dist.nn.attention import DocLayout
 
     torch.manual_seed(0)
     device, dtype = a.device, torch.bfloat16 if a.dtype == "bf16" else torch.float32

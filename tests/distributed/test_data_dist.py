@@ -26,13 +26,13 @@ def tp_peers_identical_and_dp_slices_make_the_global_batch():
     loader = StreamingLoader(corpus, CFG, dp_rank=g.dp_rank, dp_size=g.dp_size)
     reference = StreamingLoader(corpus, CFG)  # DP=1 on every rank: the global sequence
     for step, (mine, full) in enumerate(zip(loader, reference)):
-        for key, local in mine.items():
+        for key, local in mine.tensors().items():
             peers = [torch.empty_like(local) for _ in range(2)]
             dist.all_gather(peers, local.contiguous(), group=g.tp_group)
             assert torch.equal(peers[0], peers[1]), f"step {step}: TP peers got different {key}"
             slices = [torch.empty_like(local) for _ in range(2)]
             dist.all_gather(slices, local.contiguous(), group=g.dp_group)
-            assert torch.equal(torch.cat(slices), full[key]), f"step {step}: DP slices != global {key}"
+            assert torch.equal(torch.cat(slices), full.tensors()[key]), f"step {step}: DP slices != global {key}"
         if step == 5:
             break
 

@@ -22,6 +22,7 @@ LOSS = CheckSet(world_size=2, timeout_s=400)
 
 def _step_loss_vs_reference(kind: str, smoothing: float, z_loss: float) -> None:
     from xft_dist.config import load_config
+    from xft_dist.data import IGNORE_INDEX
     from xft_dist.train.setup import build_run
     from xft_dist.train.step import train_step
 
@@ -36,15 +37,14 @@ def _step_loss_vs_reference(kind: str, smoothing: float, z_loss: float) -> None:
     model = run.engine.module
     with torch.no_grad():
         if kind == "decoder":
-            logits = model.net(batch["input_ids"], mask=batch["mask"], doc_ids=batch["doc_ids"],
-                               positions=batch["positions"], gather_logits=True)
-            labels, weight = batch["labels"], batch["loss_mask"]
+            logits = model.net(batch.input_ids, mask=batch.mask, doc_ids=batch.doc_ids, positions=batch.positions,
+                               gather_logits=True)
         else:
-            enc = model.encode(batch["src"], batch["src_mask"])
-            tgt, tgt_mask = batch["tgt"], batch["tgt_mask"]
-            logits = model.decoder.net(tgt[:, :-1], mask=tgt_mask[:, :-1], context=enc,
-                                       context_mask=batch["src_mask"], gather_logits=True)
-            labels, weight = tgt[:, 1:], (tgt_mask[:, 1:] & (tgt[:, 1:] != run.vocab.pad_id)).float()
+            enc = model.encode(batch.src, batch.src_mask)
+            logits = model.decoder.net(batch.input_ids, mask=batch.mask, context=enc, context_mask=batch.src_mask,
+                                       gather_logits=True)
+        labels = batch.labels.clamp(min=0)  # the ignored targets weigh 0
+        weight = (batch.labels != IGNORE_INDEX).float()
     flat = logits.flatten(0, 1).double()
     ce = F.cross_entropy(flat, labels.flatten(), label_smoothing=smoothing, reduction="none")
     per_token = ce + z_loss * torch.logsumexp(flat, dim=-1) ** 2

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from xft_dist import AutoregressiveWrapper, Decoder, TransformerWrapper
+from xft_dist.data import Batch
 from xft_dist.nn import Attention, RotaryEmbedding, document_positions, vocab_parallel_cross_entropy
 
 from ..unit.test_models import _naive
@@ -147,8 +148,7 @@ def _nccl_tp2_step(rank: int, port: int, out, sp: bool = False):
     ids = torch.randint(1, 128, (4, 33), generator=gen)
     doc_ids = torch.zeros(4, 32, dtype=torch.long)
     doc_ids[:, 20:] = 1
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": doc_ids, "positions": torch.zeros_like(doc_ids),
-             "loss_mask": torch.ones(4, 32), "mask": torch.ones(4, 32, dtype=torch.bool)}
+    batch = Batch.of("packed", ids[:, :-1], ids[:, 1:], doc_ids=doc_ids, positions=torch.zeros_like(doc_ids))
     result = train_step(run.engine, batch, groups=run.groups, micro_batch=4, step=1)
     out.put((rank, result.loss))
 

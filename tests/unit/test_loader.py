@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from xft_dist.data import DataError, LoaderConfig, Manifest, StreamingLoader
+from xft_dist.data import Batch, DataError, LoaderConfig, Manifest, StreamingLoader
 from xft_dist.data.shards import stream_shards
 
 from ..helpers import doc_index, make_corpus
@@ -32,6 +32,7 @@ def _take(loader, n):
 
 
 def _equal(a, b):
+    a, b = (x.tensors() if isinstance(x, Batch) else x for x in (a, b))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -52,7 +53,8 @@ def test_resume_gives_exactly_the_next_batches(corpus, workers, mode):
     after = _take(resumed, 8)
     for i, (a, b) in enumerate(zip(after, straight[40:])):
         assert _equal(a, b), f"batch {40 + i} differs after resume"
-    assert set(after[0]) >= {"input_ids", "labels", "doc_ids", "positions", "loss_mask", "mask"}
+    assert set(after[0].tensors()) >= {"input_ids", "labels", "doc_ids", "positions", "mask", "stream"}
+    assert after[0].layout is not None and after[0].counts() == straight[40].counts()
 
 
 def test_workers_do_not_change_the_batches(corpus):
@@ -77,7 +79,7 @@ def test_elastic_resume_continues_the_global_sequence(corpus, before, after):
         new.load_state_dict(state)
         news.append(_take(new, 4))
     for step in range(4):
-        glued = {k: torch.cat([news[r][step][k] for r in range(after)]) for k in reference[0]}
+        glued = {k: torch.cat([news[r][step].tensors()[k] for r in range(after)]) for k in reference[0].tensors()}
         assert _equal(glued, reference[10 + step]), f"global batch {10 + step} differs at DP {before}->{after}"
     if before > 1:  # one rank's state alone is not enough to resume the whole sequence
         with pytest.raises(DataError, match="lacks streams"):
@@ -97,7 +99,7 @@ def test_every_document_exactly_once_per_epoch_across_2_ranks_x_2_workers(corpus
     per_stream = {s: [] for s in range(cfg.num_streams)}
     for rank in range(2):
         for batch in _take(StreamingLoader(out, cfg, dp_rank=rank, dp_size=2), steps):
-            for row, s in zip(batch["input_ids"], batch["stream"].tolist()):
+            for row, s in zip(batch.input_ids, batch.stream.tolist()):
                 per_stream[s].append(row.numpy())
     seen = []
     for s, rows in per_stream.items():
@@ -116,8 +118,8 @@ def test_span_corruption_batches(corpus):
     cfg = LoaderConfig(seq_len=24, enc_len=48, global_rows=8, num_streams=4, mode="span")
     loader = StreamingLoader(out, cfg, vocab_size=259 + 16)
     batch = _take(loader, 1)[0]
-    assert batch["src"].shape == (2 * 4, 48) and batch["tgt"].shape == (8, 25)
-    assert (batch["src"] >= 259).any() and (batch["tgt"][:, 1] >= 259).all()
+    assert batch.src.shape == (2 * 4, 48) and batch.input_ids.shape == (8, 24)  # the decoder's inputs
+    assert (batch.src >= 259).any() and (batch.input_ids[:, 1] >= 259).all()
     with pytest.raises(DataError, match="sentinel"):
         StreamingLoader(out, cfg, vocab_size=259)
 
@@ -199,7 +201,8 @@ def test_empty_shard_zero_length_document_and_out_of_vocab_ids(tmp_path):
 
 def test_configuration_errors(corpus):
     out, _ = corpus
-    with pytest.raises(DataError, match="global_rows=6 must be a multiple of data.num_streams=4"):
+    with pytest.raises(DataError, match=r"train.global_batch=6 \(rows a step\) must be a multiple of "
+                                        r"data.num_streams=4"):
         LoaderConfig(seq_len=8, global_rows=6, num_streams=4)
     with pytest.raises(DataError, match="num_streams=4 must be divisible by the data-parallel size 3"):
         StreamingLoader(out, LoaderConfig(seq_len=8, global_rows=8, num_streams=4), dp_rank=0, dp_size=3)

@@ -26,7 +26,7 @@ before = rss()
 it = iter(StreamingLoader(m, LoaderConfig(seq_len=2048, global_rows=4, num_streams=4, shuffle_buffer=16)))
 peak, tokens = rss(), 0
 for _ in range(400):  # 400 x 4 rows x 2048 = 3.3M tokens: ~50 documents of every stream
-    tokens += next(it)["input_ids"].numel()
+    tokens += next(it).input_ids.numel()
     peak = max(peak, rss())
 print(json.dumps({"before": before, "peak": peak, "tokens": tokens}))
 """

@@ -59,7 +59,7 @@ def test_byte_shards_from_directories_and_jsonl(inputs, tmp_path):
     assert m.tokens == sum(len(t.encode()) for t in TEXTS)
     # A loader reads them.
     batch = next(iter(StreamingLoader(out, LoaderConfig(seq_len=16, global_rows=2, num_streams=2))))
-    assert batch["input_ids"].shape == (2, 16)
+    assert batch.input_ids.shape == (2, 16)
 
 
 def test_hf_and_sentencepiece_tokenizers(inputs, tmp_path):

@@ -42,7 +42,7 @@ def _take(loader, n):
 
 
 def _same(a, b):
-    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    return all(torch.equal(x.tensors()[k], t) for x, y in zip(a, b) for k, t in y.tensors().items())
 
 
 def test_http_shards_give_the_batches_of_the_local_files(served):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import xft_dist.nn.attention as attention
 from xft_dist import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper
-from xft_dist.nn.attention import DocLayout
+from xft_dist.data.batch import Batch, DocLayout
 
 VOCAB = 50
 
@@ -61,9 +61,7 @@ def test_a_packed_training_step_builds_no_n_by_n_mask(monkeypatch):
     model = AutoregressiveWrapper(net, check_ids=False)
     doc_ids = _doc_ids(n=16)
     ids = torch.randint(1, VOCAB, (3, 17))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": doc_ids,
-             "positions": torch.zeros_like(doc_ids), "loss_mask": torch.ones(3, 16),
-             "mask": torch.ones(3, 16, dtype=torch.bool)}
+    batch = Batch.of("packed", ids[:, :-1], ids[:, 1:], doc_ids=doc_ids, positions=torch.zeros_like(doc_ids))
 
     def no_mask(*a, **kw):
         raise AssertionError("a dense attention mask was built for a packed batch")
@@ -77,7 +75,7 @@ def test_a_packed_training_step_builds_no_n_by_n_mask(monkeypatch):
 
     monkeypatch.setattr(attention, "attention_mask", no_mask)
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", checked_sdpa)
-    loss_sum, count = model(model.prepare_batch(batch))
+    loss_sum, count = model(batch)
     loss_sum.backward()
     assert count > 0 and torch.isfinite(loss_sum)
 

@@ -7,7 +7,7 @@ loaded on first use so that tokenizer worker processes do not import torch.
 import importlib
 
 _NAMES = {
-    "DataError": ".errors", "LoaderConfig": ".loader", "StreamingLoader": ".loader", "num_sentinels": ".loader",
+    "Batch": ".batch", "DocLayout": ".batch", "IGNORE_INDEX": ".batch", "DataError": ".errors", "LoaderConfig": ".loader", "StreamingLoader": ".loader", "num_sentinels": ".loader",
     "Manifest": ".shards", "read_shard": ".shards", "Mixture": ".sources", "Source": ".sources",
     "ByteTokenizer": ".tokenizer",
     "load_tokenizer": ".tokenizer",

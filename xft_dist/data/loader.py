@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .batch import Batch
 from .errors import DataError
 from .packing import chunk_for_span_corruption, pack_rows, pad_rows, raw_length_for, span_corruption, span_lengths
 from .shards import Manifest
@@ -39,6 +40,9 @@ STATE_FORMAT = 3  # 2: sources chosen per document; 1: one corpus, per-shard per
 
 @dataclass(frozen=True)
 class LoaderConfig:
+    """The loader's settings: each field but ``prefetch`` is the run config's ``KEYS[field]``
+    (``from_config``)."""
+
     seq_len: int
     global_rows: int                 # sequences per optimizer step, all DP ranks together
     num_streams: int = 8             # fixed for a run: DP sizes must divide it
@@ -52,25 +56,46 @@ class LoaderConfig:
     enc_len: int = 512               # span mode: encoder length; seq_len is the decoder length
     noise_density: float = 0.15
     mean_span: float = 3.0
+    ignore_index: int = -100         # targets with this id never count (the batches' labels drop them)
+
+    # The run config's key for each field; the fields outside RUNTIME fix the order of the data (the
+    # fingerprint a resumed loader must match).
+    KEYS = {"seq_len": "data.seq_len", "global_rows": "train.global_batch", "num_streams": "data.num_streams",
+            "mode": "data.mode", "seed": "train.seed", "shuffle": "data.shuffle",
+            "shuffle_buffer": "data.shuffle_buffer", "num_workers": "data.num_workers",
+            "skip_bad": "data.skip_bad", "enc_len": "data.enc_len", "noise_density": "data.noise_density",
+            "mean_span": "data.mean_span", "ignore_index": "loss.ignore_index"}
+    RUNTIME = ("num_workers", "prefetch", "skip_bad", "ignore_index")
 
     @classmethod
-    def from_config(cls, data, train) -> "LoaderConfig":
-        """From a run config's ``data`` and ``train`` sections (``global_rows`` is the global batch)."""
-        return cls(seq_len=data.seq_len, global_rows=train.global_batch, num_streams=data.num_streams,
-                   mode=data.mode, seed=train.seed, shuffle=data.shuffle, shuffle_buffer=data.shuffle_buffer,
-                   num_workers=data.num_workers,
-                   skip_bad=data.skip_bad, enc_len=data.enc_len, noise_density=data.noise_density,
-                   mean_span=data.mean_span)
+    def from_config(cls, cfg, *, validation: bool = False) -> "LoaderConfig":
+        """From a run config (every field at its ``KEYS`` entry). ``validation``: the held-out set's
+        loader (``data.valid.batch_rows`` rows, one stream, in order, no workers)."""
+        def key(path):
+            value = cfg
+            for part in path.split("."):
+                value = getattr(value, part)
+            return value
+
+        kw = {f: key(k) for f, k in cls.KEYS.items()}
+        if validation:
+            kw.update(global_rows=cfg.data.valid.batch_rows or cfg.train.global_batch, num_streams=1,
+                      shuffle=False, num_workers=0)
+        return cls(**kw)
+
+    def fingerprint(self) -> dict:
+        """The settings that fix the order of the data."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise DataError(f"data.mode={self.mode!r}: expected one of {MODES}")
+            raise DataError(f"{self.KEYS['mode']}={self.mode!r}: expected one of {MODES}")
         for key in ("seq_len", "global_rows", "num_streams", "shuffle_buffer"):
             if getattr(self, key) < 1:
-                raise DataError(f"data.{key}={getattr(self, key)}: expected a positive integer")
+                raise DataError(f"{self.KEYS[key]}={getattr(self, key)}: expected a positive integer")
         if self.global_rows % self.num_streams:
-            raise DataError(f"data.global_rows={self.global_rows} must be a multiple of "
-                            f"data.num_streams={self.num_streams}")
+            raise DataError(f"{self.KEYS['global_rows']}={self.global_rows} (rows a step) must be a multiple of "
+                            f"{self.KEYS['num_streams']}={self.num_streams}")
 
 
 def num_sentinels(cfg: LoaderConfig) -> int:
@@ -244,12 +269,13 @@ def _identity(x):
 
 
 class StreamingLoader:
-    """Batches for one data-parallel rank: ``dict`` of tensors with ``global_rows / dp_size`` rows.
+    """Batches for one data-parallel rank: ``data.Batch`` objects of ``global_rows / dp_size`` rows.
 
-    Packed / padded: ``input_ids``, ``labels``, ``doc_ids``, ``positions`` (long), ``loss_mask``
-    (float), ``mask`` (bool) ``[rows, seq_len]``. Span: ``src``, ``src_mask`` ``[rows, enc_len]``,
-    ``tgt``, ``tgt_mask`` ``[rows, seq_len + 1]``. Every batch has ``stream [rows]``. Infinite:
-    epochs follow one another; ``source_stats()`` gives each source's tokens and epoch.
+    Packed / padded: ``input_ids``, ``labels``, ``mask``, ``doc_ids``, ``positions`` and the
+    documents' ``layout``, ``[rows, seq_len]``. Span: ``src``, ``src_mask`` ``[rows, enc_len]`` and
+    the decoder's ``input_ids``, ``labels``, ``mask`` ``[rows, seq_len]``. Every batch has
+    ``stream [rows]`` and its token counts. Infinite: epochs follow one another;
+    ``source_stats()`` gives each source's tokens and epoch.
 
     TP peers pass the same ``dp_rank`` and get identical batches.
     """
@@ -304,19 +330,16 @@ class StreamingLoader:
                 for msg in b["events"]:
                     self.stats["skipped"] += 1
                     log.warning("skipped bad data: %s", msg)
-            batch = {key: torch.from_numpy(np.concatenate([rows[s][key] for s in self.streams]))
-                     for key in rows[self.streams[0]]}
-            batch["stream"] = torch.tensor(self.streams).repeat_interleave(self.rows_per_stream)
+            arrays = {key: np.concatenate([rows[s][key] for s in self.streams]) for key in rows[self.streams[0]]}
+            stream = torch.tensor(self.streams).repeat_interleave(self.rows_per_stream)
             self._states.update(states)
             self.batches += 1
-            yield batch
+            yield Batch.from_rows(self.cfg.mode, arrays, pad_id=self.manifest.tokenizer["pad_id"], stream=stream,
+                                  ignore_index=self.cfg.ignore_index)
 
     # ---------------------------------------------------------------------------------- state
     def fingerprint(self) -> dict:
-        keys = ("seq_len", "global_rows", "num_streams", "mode", "seed", "shuffle", "shuffle_buffer", "enc_len",
-                "noise_density", "mean_span")
-        cfg = asdict(self.cfg)
-        return {"manifest": self.mixture.digest, **{k: cfg[k] for k in keys}}
+        return {"manifest": self.mixture.digest, **self.cfg.fingerprint()}
 
     def source_stats(self) -> dict[str, dict[str, int]]:
         """Per source, over this rank's streams after the batches handed out: ``tokens`` (the tokens

@@ -1,6 +1,7 @@
 """x-transformers-style models, tensor-parallel aware."""
 
 from .cache import LayerIntermediates
+from .contract import LossModel
 from .encdec import EncoderDecoder
 from .generate import FILTER_LOGITS_FN, min_p, top_k, top_p
 from .layers import AttentionLayers, Decoder, Encoder
@@ -8,4 +9,5 @@ from .wrappers import AutoregressiveWrapper, TransformerWrapper
 from .xtransformer import XTransformer
 
 __all__ = ["AttentionLayers", "Encoder", "Decoder", "TransformerWrapper", "AutoregressiveWrapper",
-           "EncoderDecoder", "XTransformer", "LayerIntermediates", "FILTER_LOGITS_FN", "top_k", "top_p", "min_p"]
+           "EncoderDecoder", "XTransformer", "LossModel", "LayerIntermediates", "FILTER_LOGITS_FN", "top_k", "top_p",
+           "min_p"]

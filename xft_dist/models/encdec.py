@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.batch import Batch
 from ..nn import VocabParallelEmbedding
 from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams
 from .layers import Decoder, Encoder
-from .wrappers import IGNORE, AutoregressiveWrapper, TransformerWrapper
+from .wrappers import AutoregressiveWrapper, TransformerWrapper
 
 
 class EncoderDecoder(nn.Module):
@@ -22,9 +23,8 @@ class EncoderDecoder(nn.Module):
     ``activation_checkpointing``); ``loss_kwargs`` to the decoder's ``AutoregressiveWrapper``
     (``label_smoothing``, ``z_loss``, ``ignore_index``).
 
-    The trainer's path: ``model(batch)`` with a span-corruption loader batch (``src``, ``src_mask``,
-    ``tgt``, ``tgt_mask``) returns ``(loss_sum, num_tokens)``; ``token_counts(batch)`` gives the
-    same ``num_tokens`` without a forward pass.
+    The trainer's path: ``loss_sums(batch)`` with a span-corruption ``data.Batch`` returns
+    ``(loss_sum, num_loss_tokens)``, the count equal to the batch's own.
     """
 
     def __init__(
@@ -68,24 +68,27 @@ class EncoderDecoder(nn.Module):
         )
         self.decoder = AutoregressiveWrapper(decoder, pad_value=pad_value, **(loss_kwargs or {}))
 
+    def source_mask(self, src: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The source's mask when none is given: ``src != pad_value``."""
+        return src != self.pad_value if src_mask is None else src_mask
+
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder(src, mask=src_mask, return_embeddings=True)
 
-    def token_counts(self, batch: dict) -> torch.Tensor:
-        """``[decoder positions, real decoder positions, loss tokens]`` of a span batch (float64)."""
-        tgt, tgt_mask = batch["tgt"], batch["tgt_mask"]
-        counted = self.decoder.targets(tgt[:, 1:], tgt_mask[:, 1:]) != IGNORE
-        return torch.stack([torch.tensor(float(tgt_mask.numel()), dtype=torch.float64, device=tgt.device),
-                            tgt_mask.sum().to(torch.float64), counted.sum().to(torch.float64)])
+    def loss_sums(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainer's contract (``models.LossModel``): ``(loss_sum, num_loss_tokens)`` of a span
+        ``Batch`` (``src``, ``src_mask`` and the decoder's shifted ``input_ids`` / ``labels``)."""
+        enc = self.encode(batch.src, batch.src_mask)
+        return self.decoder.target_loss_sums(batch.input_ids, batch.labels, mask=batch.mask, context=enc,
+                                             context_mask=batch.src_mask)
 
-    def forward(self, src: torch.Tensor | dict, tgt: torch.Tensor | None = None, *,
+    def forward(self, src: torch.Tensor | Batch, tgt: torch.Tensor | None = None, *,
                 src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None,
                 return_sums: bool = False):
         """Next-token loss of ``tgt`` given ``src``; masks default to ``token != pad_value``.
-        A dict ``src`` is a loader batch: the result is ``(loss_sum, num_tokens)``."""
-        if isinstance(src, dict):
-            src, tgt, src_mask, tgt_mask = src["src"], src["tgt"], src["src_mask"], src["tgt_mask"]
-            return_sums = True
+        A ``Batch`` (the trainer's, through its engine) is ``loss_sums(batch)``."""
+        if isinstance(src, Batch):
+            return self.loss_sums(src)
         if src_mask is None:
             src_mask = src != self.pad_value
         if tgt_mask is None:
@@ -99,8 +102,7 @@ class EncoderDecoder(nn.Module):
         """``seq_len`` decoder tokens after ``start`` (``[b, n]`` or a list), given ``src``; the
         encoder runs once and cross-attention keys and values are cached with ``cache_kv``.
         ``kwargs``: those of ``AutoregressiveWrapper.generate``."""
-        if src_mask is None:
-            src_mask = src != self.pad_value
+        src_mask = self.source_mask(src, src_mask)
         was_training = self.training
         self.eval()
         try:

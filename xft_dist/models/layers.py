@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.batch import DocLayout
 from ..nn import Attention, FeedForward, RotaryEmbedding, checkpoint, document_positions, make_norm
-from ..nn.attention import DocLayout, KVCache
+from ..nn.attention import KVCache
 from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams, gather_from_tp, group_size, scatter_to_tp
 from .cache import BlockCache, LayerIntermediates

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batch import IGNORE_INDEX, Batch, DocLayout
 from ..nn import (
     AbsolutePositionalEmbedding,
     ColumnParallelLinear,
@@ -21,13 +22,12 @@ from ..nn import (
     masked_loss_sum,
     vocab_parallel_cross_entropy,
 )
-from ..nn.attention import DocLayout
 from ..nn.init import InitScheme
 from ..parallel import group_size
 from .cache import LayerIntermediates
 from .layers import AttentionLayers, reject_unsupported
 
-IGNORE = -100  # internal ignore index for targets that must not count
+IGNORE = IGNORE_INDEX  # the ignore index of targets that must not count (a Batch's labels use it)
 
 
 class TransformerWrapper(nn.Module):
@@ -208,10 +208,9 @@ class AutoregressiveWrapper(nn.Module):
     gradients. ``check_ids=False`` skips the host-synchronising id checks of the embedding and the
     loss (the trainer's loader has checked the ids already).
 
-    The trainer's path: ``model(batch)`` with a packed / padded loader batch (a dict with
-    ``input_ids``, ``labels``, ``loss_mask``, ``mask``, ``doc_ids``, ``positions``) returns
-    ``(loss_sum, num_tokens)``; ``token_counts(batch)`` gives the same ``num_tokens`` without a
-    forward pass. A batch's ``loss_mask`` is 0/1 (as the loader makes it): its zeros drop targets.
+    The trainer's path: ``loss_sums(batch)`` (or ``model(batch)``, as an engine calls it) with a
+    packed or padded ``data.Batch`` returns ``(loss_sum, num_loss_tokens)``; the count equals the
+    batch's own ``num_loss_tokens``.
     """
 
     def __init__(self, net: TransformerWrapper, *, pad_value: int | None = 0, ignore_index: int = -100,
@@ -242,8 +241,8 @@ class AutoregressiveWrapper(nn.Module):
             drop = drop | ~mask.bool()
         return target.masked_fill(drop, IGNORE)
 
-    def loss_sums(self, inp: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                  **net_kwargs):
+    def target_loss_sums(self, inp: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                         **net_kwargs):
         """``(loss_sum, num_tokens)`` of the net on ``inp`` against ``target`` (IGNORE never counts);
         ``loss_mask`` weighs each token's loss."""
         if loss_mask is not None:
@@ -260,42 +259,24 @@ class AutoregressiveWrapper(nn.Module):
             losses = vocab_parallel_cross_entropy(self.net(inp, **net_kwargs), target, **kw)
         return masked_loss_sum(losses, target, ignore_index=IGNORE, loss_mask=loss_mask)
 
-    # -- the trainer's path: a loader batch ------------------------------------------------------
-    def _batch_targets(self, batch: dict) -> torch.Tensor:
-        """The labels, with ``ignore_index`` and the targets a loader's 0/1 ``loss_mask`` drops ignored."""
-        labels = batch["labels"]
-        return labels.masked_fill((labels == self.ignore_index) | (batch["loss_mask"] == 0), IGNORE)
-
-    def token_counts(self, batch: dict) -> torch.Tensor:
-        """``[positions, real positions, loss tokens]`` of a loader batch (float64, on its device)."""
-        mask, counted = batch["mask"], self._batch_targets(batch) != IGNORE
-        return torch.stack([torch.tensor(float(mask.numel()), dtype=torch.float64, device=mask.device),
-                            mask.sum().to(torch.float64), counted.sum().to(torch.float64)])
-
-    def prepare_batch(self, batch: dict) -> dict:
-        """On the host, before the batch moves to the device: the documents' ``DocLayout``, so that
-        the varlen attention needs no device-to-host sync to find them."""
-        if "doc_ids" in batch and "doc_layout" not in batch:
-            return {**batch, "doc_layout": DocLayout.from_doc_ids(batch["doc_ids"])}
-        return batch
-
-    def _batch_forward(self, batch: dict):
-        doc_ids = batch.get("doc_ids")
+    def loss_sums(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainer's contract (``models.LossModel``): ``(loss_sum, num_loss_tokens)`` of a packed
+        or padded ``Batch``, whose labels say which targets count."""
         # The loader gives padding a document of its own: with document ids, no real token can see
         # padding, and the key-padding mask (which would force a dense [b, n, n] mask) is not needed.
-        mask = None if doc_ids is not None else batch["mask"]
-        return self.loss_sums(batch["input_ids"], self._batch_targets(batch), mask=mask, doc_ids=doc_ids,
-                              positions=batch.get("positions"), doc_layout=batch.get("doc_layout"))
+        mask = None if batch.doc_ids is not None else batch.mask
+        return self.target_loss_sums(batch.input_ids, batch.labels, mask=mask, doc_ids=batch.doc_ids,
+                                     positions=batch.positions, doc_layout=batch.layout)
 
-    def forward(self, x: torch.Tensor | dict, *, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor | Batch, *, mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 return_sums: bool = False, **kwargs):
         """Mean next-token loss over real tokens, or ``(loss_sum, num_tokens)`` with ``return_sums``
         (sum those over micro-batches and DP ranks, then divide once). ``kwargs`` go to the net
-        (``context=``, ``context_mask=``, ``positions=``). A dict ``x`` is a loader batch: the
-        result is ``(loss_sum, num_tokens)``."""
-        if isinstance(x, dict):
-            return self._batch_forward(x)
+        (``context=``, ``context_mask=``, ``positions=``). A ``Batch`` (the trainer's, through its
+        engine) is ``loss_sums(batch)``."""
+        if isinstance(x, Batch):
+            return self.loss_sums(x)
         inp, target = x[:, :-1], x[:, 1:]
         inp_mask = mask[:, :-1] if mask is not None else None
         doc = doc_ids[:, :-1] if doc_ids is not None else None
@@ -307,9 +288,9 @@ class AutoregressiveWrapper(nn.Module):
             mask = mask[:, 1:] if mask is not None else None
         if "positions" in kwargs and kwargs["positions"] is not None:
             kwargs["positions"] = kwargs["positions"][:, :-1]
-        loss_sum, num_tokens = self.loss_sums(inp, self.targets(target, mask),
-                                              loss_mask[:, 1:] if loss_mask is not None else None,
-                                              mask=inp_mask, doc_ids=doc, **kwargs)
+        loss_sum, num_tokens = self.target_loss_sums(inp, self.targets(target, mask),
+                                                     loss_mask[:, 1:] if loss_mask is not None else None,
+                                                     mask=inp_mask, doc_ids=doc, **kwargs)
         if return_sums:
             return loss_sum, num_tokens
         return loss_sum / num_tokens.clamp(min=1.0)

@@ -23,19 +23,19 @@ import importlib.util
 import inspect
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from ..data.batch import DocLayout  # a torch-only leaf: the batch's document layout
 from ..parallel import RNGStreams, copy_to_tp, group_size, tp_region_input
 from .checkpoint import checkpoint
 from .init import InitScheme
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import fork, split_region_rng
-from .position import apply_rotary, document_starts
+from .position import apply_rotary
 
 BACKENDS = ("auto", "sdpa", "flash_varlen")
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -90,54 +90,6 @@ def attention_mask(
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     return allowed
-
-
-@dataclass(frozen=True)
-class DocLayout:
-    """The packed documents of a ``[b, n]`` batch, flattened row-major (documents never span rows).
-
-    ``cu_seqlens`` (int32 ``[docs + 1]``, on the model's device) are the kernels' cumulative
-    offsets; ``bounds`` the same as Python ints when they were known on the host (the per-document
-    CPU path reads them); ``max_len`` bounds the longest document (``n`` is a valid bound).
-    """
-
-    cu_seqlens: torch.Tensor
-    bounds: tuple[int, ...] | None
-    max_len: int
-    shape: tuple[int, int]
-
-    @classmethod
-    def from_doc_ids(cls, doc_ids: torch.Tensor) -> "DocLayout":
-        """From ``doc_ids [b, n]`` (non-decreasing within each row). On the CPU nothing waits for a
-        device; from a CUDA tensor the offsets cost one host sync (the trainer builds them on the
-        host: ``prepare_batch``)."""
-        if doc_ids.ndim != 2:
-            raise ValueError(f"doc_ids must be [b, n], got {tuple(doc_ids.shape)}")
-        b, n = doc_ids.shape
-        if doc_ids.device.type == "cpu":
-            ids = doc_ids.numpy()
-            if n > 1 and (np.diff(ids, axis=1) < 0).any():
-                row = int(np.nonzero((np.diff(ids, axis=1) < 0).any(axis=1))[0][0])
-                raise ValueError(f"doc_ids row {row} decreases: document ids must be non-decreasing within a row "
-                                 "(each document one contiguous run)")
-            starts = np.ones((b, n), dtype=bool)
-            starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-            bounds = tuple(int(i) for i in np.nonzero(starts.reshape(-1))[0]) + (b * n,)
-            cu = torch.tensor(bounds, dtype=torch.int32)
-        else:
-            if n > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
-                raise ValueError("doc_ids decrease within a row: document ids must be non-decreasing within a "
-                                 "row (each document one contiguous run)")
-            start_idx = torch.nonzero(document_starts(doc_ids).flatten(), as_tuple=False).flatten()
-            cu, bounds = torch.cat([start_idx, start_idx.new_tensor([b * n])]).to(torch.int32), None
-        return cls(cu_seqlens=cu, bounds=bounds, max_len=n, shape=(b, n))
-
-    def to(self, device, non_blocking: bool = False) -> "DocLayout":
-        return DocLayout(self.cu_seqlens.to(device, non_blocking=non_blocking), self.bounds, self.max_len,
-                         self.shape)
-
-    def host_bounds(self) -> tuple[int, ...]:
-        return self.bounds if self.bounds is not None else tuple(self.cu_seqlens.tolist())
 
 
 @dataclass

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch.distributed import ProcessGroup
 
-from ..parallel.comm import all_reduce_, current_scope, group_size, in_scope
+from ..parallel import ledger
+from ..parallel.comm import all_reduce_, group_size
 from .loss import _ce_forward, _ce_grad_, check_loss_args, check_targets
 
 # Default chunk: about 128 M logits per rank (0.5 GiB in fp32), and at most 1/16 of the tokens. Measured
@@ -79,7 +80,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         losses, grad_h, grad_w = _chunk_pass(hidden, weight, target, ones, want_h=want_h, want_w=want_w,
                                              group=group, ce=ce)
         ctx.save_for_backward(hidden, weight, target, grad_h, grad_w)
-        ctx.group, ctx.ce, ctx.want, ctx.scope = group, ce, (want_h, want_w), current_scope()
+        ctx.group, ctx.ce, ctx.want, ctx.scope = group, ce, (want_h, want_w), ledger.current_scope()
         return losses
 
     @staticmethod
@@ -100,8 +101,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             grad_w = grad_w.mul_(c.to(grad_w.dtype)) if want_w else None
         if want_h:
             # hidden is replicated over the TP ranks: its gradient is the sum of every shard's part
-            with in_scope(ctx.scope, "backward"):
-                grad_h = all_reduce_(grad_h, ctx.group).to(hidden.dtype)  # our buffer: reduced in place
+            grad_h = ledger.region(ctx, "backward", all_reduce_, grad_h, ctx.group).to(hidden.dtype)  # in place
         if want_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None

@@ -1,8 +1,7 @@
-"""Tensor x data parallelism: process groups, every collective (``comm``), and RNG streams."""
+"""Tensor x data parallelism: process groups, every collective (``comm``), the collective ledger
+(``ledger``), and RNG streams."""
 
 from .comm import (
-                   CollectiveLedger,
-                   CollectiveRecord,
                    all_gather,
                    all_gather_object,
                    all_reduce,
@@ -26,6 +25,7 @@ from .comm import (
                    tp_region_input,
 )
 from .groups import DeepSpeedMPU, ParallelGroups
+from .ledger import CollectiveLedger, CollectiveRecord
 from .random import (
     TP_STREAM,
     RNGStreams,

@@ -32,10 +32,9 @@ the column-parallel layers of a region; under sequence parallelism it keeps only
 for the backward and all-gathers it again there (Megatron's trade: one more all-gather for a full
 ``[b, n, d]`` less per region).
 
-The collective ledger (``CollectiveLedger``) records every collective made here while it is active:
-kind, group size, bytes, the phase (forward, backward, or a forward replayed in the backward by
-activation checkpointing: recompute) and the module it was made for. ``tools/bench.py --mode comm``
-prints it; ``tests/distributed/test_comm_ledger.py`` holds the models to the analytical minimum.
+Each collective tells the collective ledger (``parallel/ledger.py``) about itself through one call,
+``ledger.note``, and each region function runs through ``ledger.region``: both return at once
+when no ledger records.
 
 ``group=None`` (or a group of size 1) makes every collective on a group the identity. The
 exceptions are ``barrier``, ``all_gather_object`` and ``any_rank``/``reduce_values`` with
@@ -45,143 +44,16 @@ exceptions are ``barrier``, ``all_gather_object`` and ``any_rank``/``reduce_valu
 from __future__ import annotations
 
 import contextlib
-import re
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from . import ledger
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
         "product": dist.ReduceOp.PRODUCT}
-
-
-# ---------------------------------------------------------------------------------------------
-# The collective ledger
-
-_LOCAL = threading.local()  # .ledger: the active CollectiveLedger; .scope: module name; .role: fwd / bwd
-
-
-@dataclass(frozen=True)
-class CollectiveRecord:
-    """One collective: ``kind`` (all_reduce, all_gather, reduce_scatter, broadcast), the group's
-    size, the bytes of one rank's input, ``phase`` (forward, backward, recompute), the module
-    (``scope``, a qualified name such as ``net.attn_layers.layers.0.attn``), the tensor shape and
-    the group's global ranks."""
-
-    kind: str
-    group_size: int
-    bytes: int
-    phase: str
-    scope: str
-    shape: tuple[int, ...]
-    ranks: tuple[int, ...] = ()
-
-    @property
-    def layer(self) -> str:
-        """The stack and layer the record belongs to (``encoder.layers.1``), or its scope outside any layer."""
-        m = re.search(r"(?:^|\.)((?:[\w.]*?\.)?layers\.\d+)", self.scope)
-        return m.group(1) if m else self.scope
-
-
-@dataclass
-class CollectiveLedger:
-    """Records each collective of ``comm`` on this thread while active (``with CollectiveLedger() as led``).
-
-    ``watch(module)`` names records after the innermost module running when the collective (or, for a
-    backward collective, the forward it belongs to) was made. Collectives on groups of size 1 are
-    identities and not recorded."""
-
-    records: list[CollectiveRecord] = field(default_factory=list)
-    _hooks: list = field(default_factory=list)
-
-    def __enter__(self) -> "CollectiveLedger":
-        if getattr(_LOCAL, "ledger", None) is not None:
-            raise RuntimeError("a CollectiveLedger is already recording on this thread")
-        _LOCAL.ledger = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _LOCAL.ledger = None
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-    def watch(self, module: torch.nn.Module, prefix: str = "") -> "CollectiveLedger":
-        for name, sub in module.named_modules(prefix=prefix):
-            self._hooks.append(sub.register_forward_pre_hook(_push_scope(name or type(sub).__name__)))
-            self._hooks.append(sub.register_forward_hook(_pop_scope, always_call=True))
-        return self
-
-    def select(self, *, min_bytes: int = 0, phase: str | None = None,
-               kind: str | None = None) -> list[CollectiveRecord]:
-        return [r for r in self.records if r.bytes >= min_bytes and (phase is None or r.phase == phase)
-                and (kind is None or r.kind == kind)]
-
-
-def _push_scope(name: str):
-    def hook(module, args):
-        stack = getattr(_LOCAL, "scopes", None)
-        if stack is None:
-            stack = _LOCAL.scopes = []
-        stack.append(name)
-    return hook
-
-
-def _pop_scope(module, args, output):
-    stack = getattr(_LOCAL, "scopes", None)
-    if stack:
-        stack.pop()
-
-
-def current_scope() -> str:
-    """The module running now (as named by an active ledger's ``watch``), or ""."""
-    stack = getattr(_LOCAL, "scopes", None)
-    return stack[-1] if stack else ""
-
-
-@contextlib.contextmanager
-def in_scope(scope: str, role: str | None = None) -> Iterator[None]:
-    """Attribute the collectives made inside to ``scope`` (a backward replaying its forward's
-    module), as ``role`` ("forward" or "backward") where given."""
-    stack = getattr(_LOCAL, "scopes", None)
-    if stack is None:
-        stack = _LOCAL.scopes = []
-    old_role = getattr(_LOCAL, "role", None)
-    stack.append(scope)
-    if role is not None:
-        _LOCAL.role = role
-    try:
-        yield
-    finally:
-        stack.pop()
-        _LOCAL.role = old_role
-
-
-def _in_backward() -> bool:
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-def _note(kind: str, x: torch.Tensor, group: ProcessGroup | None) -> None:
-    led = getattr(_LOCAL, "ledger", None)
-    if led is None:
-        return
-    role = getattr(_LOCAL, "role", None)
-    if role == "backward":
-        phase = "backward"
-    elif role == "forward":
-        phase = "recompute" if _in_backward() else "forward"
-    else:
-        phase = "backward" if _in_backward() else "forward"
-    if group is None:
-        ranks = tuple(range(dist.get_world_size())) if world_initialized() else (0,)
-    else:
-        ranks = tuple(dist.get_process_group_ranks(group))
-    led.records.append(CollectiveRecord(kind, len(ranks), x.numel() * x.element_size(), phase, current_scope(),
-                                        tuple(x.shape), ranks))
 
 
 def world_initialized() -> bool:
@@ -239,7 +111,7 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None, *, op: str | dist.Re
     """The reduction of ``x`` over ``group``, on ``x``'s device; ``x`` itself is not modified."""
     if group_size(group) == 1:
         return x
-    _note("all_reduce", x, group)
+    ledger.note("all_reduce", x, group)
     y = _place(x, group)
     dist.all_reduce(y, op=_op(op), group=group)
     return y.to(x.device)
@@ -252,7 +124,7 @@ def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, *, op: str | dist.R
         return x
     device = group_device(group)
     if x.is_contiguous() and (device is None or x.device == device):
-        _note("all_reduce", x, group)
+        ledger.note("all_reduce", x, group)
         dist.all_reduce(x, op=_op(op), group=group)
         return x
     return x.copy_(all_reduce(x, group, op=op))
@@ -273,7 +145,7 @@ def reduce_values(values: Sequence[float] | torch.Tensor, group: ProcessGroup | 
     if group is None and dist.get_world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=group_device(group) or "cpu")
-    _note("all_reduce", t, group)
+    ledger.note("all_reduce", t, group)
     dist.all_reduce(t, op=_op(op), group=group)
     return t.tolist()
 
@@ -288,7 +160,7 @@ def all_gather(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = -1) ->
     size = group_size(group)
     if size == 1:
         return x
-    _note("all_gather", x, group)
+    ledger.note("all_gather", x, group)
     y = _place(x, group)
     parts = [torch.empty_like(y) for _ in range(size)]
     dist.all_gather(parts, y, group=group)
@@ -303,7 +175,7 @@ def reduce_scatter(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = 0,
         return x
     if x.shape[dim] % size:
         raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {size} ranks")
-    _note("reduce_scatter", x, group)
+    ledger.note("reduce_scatter", x, group)
     y = _place(x, group)
     parts = [p.contiguous() for p in y.chunk(size, dim=dim)]
     out = torch.empty_like(parts[0])
@@ -317,7 +189,7 @@ def broadcast(x: torch.Tensor, group: ProcessGroup | None, *, src: int = 0) -> t
         return x
     if group is None and (not world_initialized() or dist.get_world_size() == 1):
         return x
-    _note("broadcast", x, group)
+    ledger.note("broadcast", x, group)
     y = _place(x, group)
     dist.broadcast(y, src=src, group=group)
     return y.to(x.device)
@@ -371,24 +243,17 @@ class _Region(torch.autograd.Function):
 
     @staticmethod
     def _fwd(ctx, fn, *args, **kwargs):
-        ctx.scope = current_scope()
-        if getattr(_LOCAL, "ledger", None) is None:  # nothing records: no bookkeeping on the hot path
-            return fn(*args, **kwargs)
-        with in_scope(ctx.scope, "forward"):
-            return fn(*args, **kwargs)
+        return ledger.region(ctx, "forward", fn, *args, **kwargs)
 
     @staticmethod
     def _bwd(ctx, fn, *args, **kwargs):
-        if getattr(_LOCAL, "ledger", None) is None:
-            return fn(*args, **kwargs)
-        with in_scope(ctx.scope, "backward"):
-            return fn(*args, **kwargs)
+        return ledger.region(ctx, "backward", fn, *args, **kwargs)
 
 
 class _CopyToTP(_Region):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group, ctx.scope = group, current_scope()
+        ctx.group, ctx.scope = group, ledger.current_scope()
         return x
 
     @staticmethod
@@ -409,7 +274,7 @@ class _ReduceFromTP(_Region):
 class _ScatterToTP(_Region):
     @staticmethod
     def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim, ctx.scope = group, dim, current_scope()
+        ctx.group, ctx.dim, ctx.scope = group, dim, ledger.current_scope()
         return _split(x, group, dim)
 
     @staticmethod
@@ -510,7 +375,7 @@ class _Regather:
 
     def __init__(self, full: torch.Tensor, chunk: torch.Tensor, group: ProcessGroup | None, dim: int):
         self.ptr, self.chunk, self.group, self.dim = full.untyped_storage().data_ptr(), chunk.detach(), group, dim
-        self.scope, self.full, self.pending = current_scope(), None, 0
+        self.scope, self.full, self.pending = ledger.current_scope(), None, 0
 
     def pack(self, t: torch.Tensor):
         if t.untyped_storage().data_ptr() != self.ptr:
@@ -524,7 +389,7 @@ class _Regather:
             return packed
         self, shape, stride, offset = packed
         if self.full is None:
-            with in_scope(self.scope, "backward"):
+            with ledger.in_scope(self.scope, "backward"):
                 self.full = all_gather(self.chunk, self.group, dim=self.dim)
         full = self.full
         self.pending -= 1

@@ -11,11 +11,12 @@ mean over every loss token of the set: the same number for any TP x DP split and
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from ..config import Config, ConfigError
-from ..data import DataError, LoaderConfig, Manifest, StreamingLoader
+from ..data import Batch, DataError, LoaderConfig, Manifest, StreamingLoader
 from ..data.tokenizer import same_tokenizer
 from ..parallel import ParallelGroups, all_reduce
 from .step import split_micro_batches
@@ -39,35 +40,32 @@ def valid_manifest(cfg: Config, train: Manifest | None = None, shards: str | Non
     return manifest
 
 
-def validation_batches(cfg: Config, manifest: Manifest, vocab_size: int) -> list[dict]:
-    """``data.valid.batches`` global batches of ``data.valid.batch_rows`` rows (host tensors)."""
-    d, v = cfg.data, cfg.data.valid
-    loader_cfg = LoaderConfig(seq_len=d.seq_len, global_rows=v.batch_rows or cfg.train.global_batch, num_streams=1,
-                              mode=d.mode, seed=cfg.train.seed, shuffle=False, num_workers=0, skip_bad=d.skip_bad,
-                              enc_len=d.enc_len, noise_density=d.noise_density, mean_span=d.mean_span)
+def validation_batches(cfg: Config, manifest: Manifest, vocab_size: int) -> list[Batch]:
+    """``data.valid.batches`` global batches of ``data.valid.batch_rows`` rows (on the host)."""
+    loader_cfg = LoaderConfig.from_config(cfg, validation=True)
     it = iter(StreamingLoader(manifest, loader_cfg, vocab_size=vocab_size))
-    return [{k: t for k, t in next(it).items() if k != "stream"} for _ in range(v.batches)]
+    return [replace(next(it), stream=None) for _ in range(cfg.data.valid.batches)]
 
 
 @torch.no_grad()
-def evaluate(forward, model: torch.nn.Module, batches: list[dict], *, groups: ParallelGroups, micro_batch: int,
+def evaluate(forward, model: torch.nn.Module, batches: list[Batch], *, groups: ParallelGroups, micro_batch: int,
              device: torch.device, byte_tokenizer: bool) -> dict:
     """``valid/loss`` (mean over loss tokens), ``valid/ppl``, ``valid/tokens`` and, for the byte
     tokenizer, ``valid/bpb`` (bits per byte: every target is one byte, EOS counted as one).
 
-    ``forward(micro_batch) -> (loss_sum, num_tokens)``: the engine or the wrapper itself; ``model``
-    (the wrapper) is put in eval mode for the duration and gives ``prepare_batch``."""
+    ``forward(micro_batch) -> (loss_sum, num_loss_tokens)``: the engine or the model itself;
+    ``model`` is put in eval mode for the duration. The token count is the batches' own."""
     was_training = model.training
     model.eval()
-    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     try:
         for batch in batches:
-            share = {k: torch.tensor_split(t, groups.dp_size)[groups.dp_rank] for k, t in batch.items()}
-            for mb in split_micro_batches(share, micro_batch, device, prepare=getattr(model, "prepare_batch", None)):
-                loss_sum, num = forward(mb)
-                acc += torch.stack([loss_sum.detach().to(torch.float64), num.detach().to(torch.float64)])
+            for mb in split_micro_batches(batch.shard(groups.dp_rank, groups.dp_size), micro_batch, device):
+                loss_sum += forward(mb)[0].detach().to(torch.float64)
+                tokens += mb.num_loss_tokens
     finally:
         model.train(was_training)
+    acc = torch.cat([loss_sum[None], torch.tensor([float(tokens)], dtype=torch.float64).to(device)])
     loss_sum, tokens = all_reduce(acc, groups.dp_group).tolist()
     if tokens == 0:
         raise ValueError("the validation batches hold no loss tokens")

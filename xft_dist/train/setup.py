@@ -46,7 +46,7 @@ class VocabFacts:
 
 def vocab_facts(cfg: Config, manifest: Manifest | Mixture) -> VocabFacts:
     tok = manifest.tokenizer
-    sentinels = num_sentinels(LoaderConfig.from_config(cfg.data, cfg.train))
+    sentinels = num_sentinels(LoaderConfig.from_config(cfg))
     num_tokens = cfg.model.num_tokens or tok["vocab_size"] + sentinels
     return VocabFacts(num_tokens=num_tokens, pad_id=tok["pad_id"], tokenizer_vocab=tok["vocab_size"],
                       num_sentinels=sentinels)
@@ -220,7 +220,7 @@ def restore_checkpoint(run: Run, path: Path, *, universal: bool = False) -> dict
 def _attach_training(run: Run, manifest: Mixture, resume: ResumePlan | None) -> None:
     """Loader, run directory, checkpoints (resumed if any) and metric sinks."""
     cfg, groups = run.cfg, run.groups
-    run.loader = StreamingLoader(manifest, LoaderConfig.from_config(cfg.data, cfg.train), dp_rank=groups.dp_rank,
+    run.loader = StreamingLoader(manifest, LoaderConfig.from_config(cfg), dp_rank=groups.dp_rank,
                                  dp_size=groups.dp_size, vocab_size=run.vocab.num_tokens)
     from .evaluate import valid_manifest, validation_batches
 

@@ -1,16 +1,18 @@
 """One optimizer step: micro-batches, loss normalised by the global number of loss tokens, and a
 cross-rank finite check before the update.
 
-The model owns the loss: ``engine(micro_batch)`` returns ``(loss_sum, num_tokens)`` and
-``model.token_counts(micro_batch)`` counts the same tokens without a forward pass (both wrappers
-built by ``models.factory.build_model`` do this), so this file knows nothing of model kinds.
+The model owns the loss: ``engine(micro_batch)`` runs the model's ``loss_sums`` (``models.LossModel``)
+on a ``data.Batch`` and returns ``(loss_sum, num_loss_tokens)``; the count of the whole global batch
+comes from the batches themselves (host integers the loader counted), so this file knows nothing of
+model kinds and nothing waits for a forward to know what to divide by.
 
 DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over the
 DP group, so micro-batch ``i`` on DP rank ``r`` backpropagates ``sum_i,r / N * dp * accum`` where
 ``N`` counts the loss tokens of the whole global batch (all micro-batches, all DP ranks). The
 gradient is then that of ``sum / N`` however the batch is split.
 
-Host syncs: the token counts are reduced on the device (the scale stays a device tensor), and the
+Host syncs: the token counts go to the device once and are reduced there (the scale stays a device
+tensor, as torchtitan's global token count does), and the
 step's numbers (loss sum, counts, non-finite flag, stop request) travel in one collective and come
 to the host once, before the update, so ``train.nonfinite=stop`` never applies a non-finite update.
 ``train.nonfinite=skip`` must decide before each backward: one more sync per micro-batch.
@@ -30,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from ..data.batch import Batch
 from ..parallel import ParallelGroups, all_reduce, any_rank
 
 log = logging.getLogger("xft_dist.train")
@@ -60,13 +63,10 @@ class StepResult:
     dropped: bool = False         # drop_update said so: the update was discarded
 
 
-def split_micro_batches(batch: dict, micro_batch: int, device, prepare=None) -> list[dict]:
-    """Rows ``[i, i + micro_batch)`` of every tensor, given to ``prepare`` (the model's host-side
-    preparation, e.g. packed documents' layout) and then moved to ``device``."""
-    rows = next(iter(batch.values())).shape[0]
-    prepare = prepare or (lambda mb: mb)
-    micro = [prepare({k: v[i:i + micro_batch] for k, v in batch.items()}) for i in range(0, rows, micro_batch)]
-    return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro]
+def split_micro_batches(batch: Batch, micro_batch: int, device) -> list[Batch]:
+    """Micro-batches of ``micro_batch`` rows, each cut (and its document layout made) on the host,
+    then moved to ``device``."""
+    return [mb.to(device, non_blocking=True) for mb in batch.split(micro_batch)]
 
 
 def _world(groups: ParallelGroups):
@@ -81,16 +81,16 @@ def _zero_grad_surrogate(engine) -> torch.Tensor:
     return sum(p.sum() for p in engine.module.parameters()) * 0.0
 
 
-def train_step(engine, batch: dict, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
+def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
                step: int = 0, stop_requested: bool = False,
                drop_update: Callable[[float], bool] | None = None) -> StepResult:
-    model = engine.module
-    micro = split_micro_batches(batch, micro_batch, engine.device, getattr(model, "prepare_batch", None))
+    micro = split_micro_batches(batch, micro_batch, engine.device)
     if len(micro) != engine.gradient_accumulation_steps():
         raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "
                            f"{engine.gradient_accumulation_steps()}")
-    # [positions, real positions, loss tokens] of the global batch, reduced on the device
-    counts = all_reduce(sum(model.token_counts(mb) for mb in micro), groups.dp_group)
+    # [positions, real positions, loss tokens] of the global batch: the batch's counts, reduced on the device
+    counts = torch.tensor(batch.counts(), dtype=torch.float64).to(engine.device, non_blocking=True)
+    counts = all_reduce(counts, groups.dp_group)
     scale = (groups.dp_size * len(micro)) / counts[2].clamp(min=1.0)
     device = counts.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
