@@ -76,6 +76,14 @@ class DocLayout:
         return self.bounds if self.bounds is not None else tuple(self.cu_seqlens.tolist())
 
 
+def _count(flags: torch.Tensor) -> int:
+    """True entries of a bool tensor: read on the host from CPU tensors (no device is involved),
+    a device sync otherwise."""
+    if flags.device.type == "cpu":
+        return int(np.count_nonzero(flags.numpy()))
+    return int(flags.sum())
+
+
 _ROW_TENSORS = ("input_ids", "labels", "mask", "doc_ids", "positions")
 
 
@@ -147,7 +155,7 @@ class Batch:
             layout = DocLayout.from_doc_ids(doc_ids)
         return cls(mode=mode, input_ids=input_ids, labels=labels, mask=mask, doc_ids=doc_ids, positions=positions,
                    layout=layout, src=src, src_mask=src_mask, stream=stream, num_tokens=input_ids.numel(),
-                   num_real_tokens=int(mask.sum()), num_loss_tokens=int((labels != IGNORE_INDEX).sum()))
+                   num_real_tokens=_count(mask), num_loss_tokens=_count(labels != IGNORE_INDEX))
 
     @classmethod
     def from_rows(cls, mode: str, rows: dict[str, np.ndarray], *, pad_id: int, stream=None,

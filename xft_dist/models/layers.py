@@ -7,6 +7,8 @@ Argument names follow x-transformers where it has them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -19,13 +21,19 @@ from .cache import BlockCache, LayerIntermediates
 
 
 class Block(nn.Module):
+    """Pre-norm self-attention, optional cross-attention and feed-forward, built for its layout:
+    ``sequence_parallel`` (``x`` is this rank's sequence chunk) and ``recompute_core`` (selective
+    activation checkpointing of the attention cores) are fixed here, not passed per call."""
+
     def __init__(self, dim, *, heads, dim_head, kv_heads, causal, cross_attend, dim_context,
                  attn_dropout, ff_mult, ff_glu, ff_swish, ff_dropout, use_rmsnorm, attn_backend,
-                 group, rng, init, num_layers, norm_bias=True, norm_eps=1e-5):
+                 group, rng, init, num_layers, norm_bias=True, norm_eps=1e-5, sequence_parallel=False,
+                 recompute_core=False):
         super().__init__()
         attn_kw = dict(heads=heads, dim_head=dim_head, dropout=attn_dropout, group=group, rng=rng,
-                       backend=attn_backend, init=init, num_layers=num_layers)
-        norm = dict(rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps, group=group)
+                       backend=attn_backend, init=init, num_layers=num_layers, sequence_parallel=sequence_parallel,
+                       recompute_core=recompute_core)
+        norm = dict(rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps, group=group, sequence_parallel=sequence_parallel)
         self.attn_norm = make_norm(dim, **norm)
         self.attn = Attention(dim, kv_heads=kv_heads, causal=causal, **attn_kw)
         if cross_attend:
@@ -35,23 +43,20 @@ class Block(nn.Module):
             self.cross_norm = self.cross_attn = None
         self.ff_norm = make_norm(dim, **norm)
         self.ff = FeedForward(dim, mult=ff_mult, glu=ff_glu, swish=ff_swish, dropout=ff_dropout,
-                              group=group, rng=rng, init=init, num_layers=num_layers)
+                              group=group, rng=rng, init=init, num_layers=num_layers,
+                              sequence_parallel=sequence_parallel)
 
-    def forward(self, x, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None, doc_layout=None,
-                context_rotary=None, cache: BlockCache | None = None, sp: bool = False, selective: bool = False):
-        """``sp``: ``x`` is this rank's sequence chunk (sequence parallelism); ``selective``: the
-        attention cores are recomputed in the backward."""
-        region = dict(sequence_parallel=sp, recompute_core=selective)
-        x = x + self.attn(self.attn_norm(x, sequence_parallel=sp), mask=mask, doc_ids=doc_ids, rotary=rotary,
-                          doc_layout=doc_layout, cache=cache.self_attn if cache is not None else None, **region)
+    def forward(self, x, *, mask=None, context=None, context_mask=None, doc_ids=None, rotary=None, doc_layout=None,
+                context_rotary=None, cache: BlockCache | None = None):
+        x = x + self.attn(self.attn_norm(x), mask=mask, doc_ids=doc_ids, rotary=rotary, doc_layout=doc_layout,
+                          cache=cache.self_attn if cache is not None else None)
         if self.cross_attn is not None:
             cross_cache = cache.cross_attn if cache is not None else None
             if context is None and (cross_cache is None or cross_cache.k is None):
                 raise ValueError("this stack was built with cross_attend=True: pass context=[b, m, dim_context]")
-            x = x + self.cross_attn(self.cross_norm(x, sequence_parallel=sp), context=context,
-                                    context_mask=context_mask, rotary=rotary, context_rotary=context_rotary,
-                                    cache=cross_cache, **region)
-        return x + self.ff(self.ff_norm(x, sequence_parallel=sp), sequence_parallel=sp)
+            x = x + self.cross_attn(self.cross_norm(x), context=context, context_mask=context_mask, rotary=rotary,
+                                    context_rotary=context_rotary, cache=cross_cache)
+        return x + self.ff(self.ff_norm(x))
 
 
 class AttentionLayers(nn.Module):
@@ -120,6 +125,7 @@ class AttentionLayers(nn.Module):
         self.ff_inner, self.ff_glu = int(dim * ff_mult), ff_glu
         self.activation_checkpointing = activation_checkpointing
         self.sequence_parallel = bool(sequence_parallel)
+        sp = self.sequence_parallel and group_size(self.groups.tp_group) > 1  # what the blocks are built for
         self.init = InitScheme.of(init)
         self.rotary = RotaryEmbedding(rotary_emb_dim or attn_dim_head, theta=rotary_theta) if rotary_pos_emb else None
         self.layers = nn.ModuleList(
@@ -127,10 +133,16 @@ class AttentionLayers(nn.Module):
                   cross_attend=cross_attend, dim_context=cross_attn_dim_context, attn_dropout=attn_dropout,
                   ff_mult=ff_mult, ff_glu=ff_glu, ff_swish=ff_swish, ff_dropout=ff_dropout,
                   use_rmsnorm=use_rmsnorm, attn_backend=attn_backend, group=self.groups.tp_group, rng=rng,
-                  init=self.init, num_layers=depth, norm_bias=norm_bias, norm_eps=norm_eps)
+                  init=self.init, num_layers=depth, norm_bias=norm_bias, norm_eps=norm_eps, sequence_parallel=sp,
+                  recompute_core=activation_checkpointing == "selective")
             for _ in range(depth)
         )
-        self.final_norm = make_norm(dim, rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps, group=self.groups.tp_group)
+        self.final_norm = make_norm(dim, rmsnorm=use_rmsnorm, bias=norm_bias, eps=norm_eps, group=self.groups.tp_group,
+                                    sequence_parallel=sp)
+        self._split_built = sp
+        # every module built for the split sequence: run unsplit (cached decoding, a length TP does not
+        # divide) inside ``_unsplit`` only
+        self._split_modules = [m for m in self.modules() if getattr(m, "sequence_parallel", False) and m is not self]
 
     def forward(
         self,
@@ -190,30 +202,44 @@ class AttentionLayers(nn.Module):
             x = x[:, start:]
         hiddens = []
         k = self.activation_checkpointing
-        selective = k == "selective"
         group = self.groups.tp_group
-        sp = (self.sequence_parallel and not caching and group_size(group) > 1
-              and x.shape[1] % group_size(group) == 0)
-        if sp:
+        split = self._split_built and not caching and x.shape[1] % group_size(group) == 0
+        if split:
             x = scatter_to_tp(x, group, dim=1)
+        run = self._block if split == self._split_built else functools.partial(self._block, unsplit=True)
         for i, layer in enumerate(self.layers):
             if caching:
                 hiddens.append(x)
-                x = layer(x, mask, context, context_mask, None, rotary, None, context_rotary, inter.attn_cache[i])
+                x = run(layer, x, mask=mask, context=context, context_mask=context_mask, rotary=rotary,
+                        context_rotary=context_rotary, cache=inter.attn_cache[i])
                 continue
-            args = (x, mask, context, context_mask, doc_ids, rotary, doc_layout, context_rotary, None, sp, selective)
-            if not selective and k and i % k == 0 and torch.is_grad_enabled():
-                x = checkpoint(layer, *args, rng=self.rng)
+            kw = dict(mask=mask, context=context, context_mask=context_mask, doc_ids=doc_ids, rotary=rotary,
+                      doc_layout=doc_layout, context_rotary=context_rotary)
+            if k != "selective" and k and i % k == 0 and torch.is_grad_enabled():
+                x = checkpoint(run, layer, x, rng=self.rng, **kw)  # the recompute runs as the forward did
             else:
-                x = layer(*args)
-        if sp:
-            return gather_from_tp(self.final_norm(x, sequence_parallel=True), group, dim=1)
-        out = self.final_norm(x)
+                x = run(layer, x, **kw)
+        if split:
+            return gather_from_tp(self.final_norm(x), group, dim=1)
+        out = self._block(self.final_norm, x, unsplit=self._split_built)
         if not caching:
             return out
         inter.hiddens, inter.last_hidden = [*hiddens, x], out
         inter.cache_length = start + x.shape[1]
         return out, inter
+
+    def _block(self, module: nn.Module, x: torch.Tensor, *, unsplit: bool = False, **kwargs) -> torch.Tensor:
+        """``module(x, **kwargs)``; ``unsplit``: with the stack's sequence-parallel modules running on
+        the whole sequence for this call (they are built for the split one)."""
+        if not unsplit:
+            return module(x, **kwargs)
+        for m in self._split_modules:
+            m.sequence_parallel = False
+        try:
+            return module(x, **kwargs)
+        finally:
+            for m in self._split_modules:
+                m.sequence_parallel = True
 
 
 def checkpoint_every(value: int | str | bool) -> int | str:

@@ -122,10 +122,19 @@ class Attention(nn.Module):
         backend: str = "auto",
         init: InitScheme | str | None = None,
         num_layers: int = 1,
+        sequence_parallel: bool = False,
+        recompute_core: bool = False,
     ):
+        """``sequence_parallel=True``: ``x`` is this rank's sequence chunk ``[b, n / tp, dim]`` (and
+        so is the output); it is all-gathered on entry and the output reduce-scattered.
+        ``recompute_core``: the attention core (scores, softmax, dropout, weighted values) is
+        recomputed in the backward instead of keeping its activations (selective activation
+        checkpointing) where it builds a dense mask; the causal and varlen kernels keep no n^2
+        state, and are not recomputed."""
         super().__init__()
         tp = group_size(group)
         kv_heads = kv_heads or heads
+        self.sequence_parallel, self.recompute_core = sequence_parallel, recompute_core
         if heads % kv_heads:
             raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
         if heads % tp or kv_heads % tp:
@@ -149,7 +158,8 @@ class Attention(nn.Module):
         self.to_v = col(dim_kv, kv_heads * dim_head)
         # writes into the residual stream: the scheme's output init (depth-scaled where it is)
         self.to_out = RowParallelLinear(inner, dim, bias=bias, group=group, bias_init=init.bias(inner),
-                                        init_method=init.output(inner, dim=dim, num_layers=num_layers))
+                                        init_method=init.output(inner, dim=dim, num_layers=num_layers),
+                                        sequence_parallel=sequence_parallel)
         self.rng = split_region_rng(rng, group, dropout, "Attention")
         self.group = group
 
@@ -165,8 +175,6 @@ class Attention(nn.Module):
         doc_layout: DocLayout | None = None,
         context_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
-        sequence_parallel: bool = False,
-        recompute_core: bool = False,
     ) -> torch.Tensor:
         """``x [b, n, dim]`` -> ``[b, n, dim]``. Self-attention masks keys with ``mask [b, n]``
         and documents with ``doc_ids``; cross-attention reads ``context [b, m, dim_context]`` with
@@ -178,19 +186,13 @@ class Attention(nn.Module):
         attends over all of them (``mask [b, cached + n]`` then covers every key; the ``n`` queries
         are the last positions); cross-attention fills it from ``context`` once and reuses it.
 
-        ``sequence_parallel=True``: ``x`` is this rank's sequence chunk ``[b, n / tp, dim]`` (and so is
-        the output); it is all-gathered on entry and the output reduce-scattered. ``recompute_core``:
-        the attention core (scores, softmax, dropout, weighted values) is recomputed in the backward
-        instead of keeping its activations (selective activation checkpointing) where it builds a
-        dense mask; the causal and varlen kernels keep no n^2 state, and are not recomputed.
-
         The queries' input enters the TP region once for q, k and v (self-attention), and the context
         once for k and v (cross-attention): one backward all-reduce each."""
         if cache is not None:
             return self._cached(x, cache, context=context, mask=mask, context_mask=context_mask,
                                 rotary=rotary, context_rotary=context_rotary, doc_ids=doc_ids)
         cross = context is not None
-        with tp_region_input(x, self.group, sequence_parallel) as x:
+        with tp_region_input(x, self.group, self.sequence_parallel) as x:
             q = rearrange(self.to_q(x, tp_input=True), "b n (h d) -> b h n d", h=self.heads)
             if not cross:
                 k = rearrange(self.to_k(x, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
@@ -218,12 +220,12 @@ class Attention(nn.Module):
         # Only a dense mask gives the core state that grows with n^2 (the mask and the masked kernel's
         # buffers, per layer); the causal / unmasked and varlen kernels keep O(n): nothing to recompute.
         dense = pattern.startswith("b h") and (key_mask is not None or (doc_ids is not None and not cross))
-        if recompute_core and dense and torch.is_grad_enabled():
+        if self.recompute_core and dense and torch.is_grad_enabled():
             out = checkpoint(core, q, k, v, rng=self.rng if dropout_p > 0 else None)
         else:
             out = core(q, k, v)
         out = rearrange(out, pattern, b=q.shape[0])
-        return self.to_out(out, sequence_parallel=sequence_parallel)
+        return self.to_out(out)
 
     def _varlen_core(self, q, k, v, *, layout, causal, dropout_p):
         with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks

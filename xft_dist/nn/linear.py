@@ -87,6 +87,7 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         group: ProcessGroup | None = None,
         input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
         init_method: InitMethod | None = None,
         bias_init: InitMethod | None = None,
         dtype: torch.dtype | None = None,
@@ -96,7 +97,7 @@ class RowParallelLinear(nn.Module):
         tp = group_size(group)
         self.in_features, self.out_features = in_features, out_features
         self.in_features_per_rank = divide(in_features, tp, "in_features")
-        self.group, self.input_is_parallel = group, input_is_parallel
+        self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
         self.weight = sharded_parameter(
             (out_features, in_features), partition_dim=1, group=group,
             init_method=init_method or normal_init(), dtype=dtype, device=device,
@@ -107,17 +108,19 @@ class RowParallelLinear(nn.Module):
             (bias_init or zeros_init)(full)
             self.bias = nn.Parameter(full.to(dtype=dtype or torch.get_default_dtype(), device=device))
 
-    def forward(self, x: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
-        """``sequence_parallel=True``: the output is reduce-scattered along the sequence (dim 1), each
-        rank keeping its chunk; the bias's gradient, from that chunk alone, is summed over TP."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Built with ``sequence_parallel=True``: the output is reduce-scattered along the sequence
+        (dim 1), each rank keeping its chunk; the bias's gradient, from that chunk alone, is summed
+        over TP."""
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group, dim=-1)
-        y = leave_tp(F.linear(x, self.weight), self.group, sequence_parallel)
+        sp = self.sequence_parallel
+        y = leave_tp(F.linear(x, self.weight), self.group, sp)
         if self.bias is None:
             return y
-        return y + (copy_to_tp(self.bias, self.group) if sequence_parallel else self.bias)
+        return y + (copy_to_tp(self.bias, self.group) if sp else self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"per_rank={self.in_features_per_rank}, bias={self.bias is not None}, "
-                f"input_is_parallel={self.input_is_parallel}")
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")

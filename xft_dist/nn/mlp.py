@@ -47,28 +47,31 @@ class FeedForward(nn.Module):
         rng: RNGStreams | None = None,
         init: InitScheme | str | None = None,
         num_layers: int = 1,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         inner = inner_dim or int(dim * mult)
+        self.sequence_parallel = sequence_parallel
         init = InitScheme.of(init)
         col = dict(bias=bias, group=group, init_method=init.matrix(dim, dim=dim), bias_init=init.bias(dim))
         self.up = ColumnParallelLinear(dim, inner, **col)
         self.gate = ColumnParallelLinear(dim, inner, **col) if glu else None
         self.down = RowParallelLinear(inner, dim, bias=bias, group=group, bias_init=init.bias(inner),
-                                      init_method=init.output(inner, dim=dim, num_layers=num_layers))
+                                      init_method=init.output(inner, dim=dim, num_layers=num_layers),
+                                      sequence_parallel=sequence_parallel)
         self.act = F.silu if swish else F.gelu
         self.dropout = dropout
         self.rng = split_region_rng(rng, group, dropout, "FeedForward")
         self.group = group
 
-    def forward(self, x: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
-        """``x [b, n, dim]``; with ``sequence_parallel=True`` this rank's sequence chunk
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [b, n, dim]``; built with ``sequence_parallel=True``, this rank's sequence chunk
         ``[b, n / tp, dim]`` in and out (all-gathered on entry, reduce-scattered on exit)."""
-        with tp_region_input(x, self.group, sequence_parallel) as x:
+        with tp_region_input(x, self.group, self.sequence_parallel) as x:
             gate = self.gate(x, tp_input=True) if self.gate is not None else None
             up = self.up(x, tp_input=True)
         h = self.act(gate) * up if gate is not None else self.act(up)
         if self.dropout > 0 and self.training:
             with fork(self.rng):  # hidden units are split over TP ranks: TP-distinct masks
                 h = F.dropout(h, self.dropout, training=True)
-        return self.down(h, sequence_parallel=sequence_parallel)
+        return self.down(h)
