@@ -23,17 +23,46 @@ from collections import deque
 
 
 class SpikeGuard:
-    def __init__(self, *, window: int, warmup: int, zscore: float, ratio: float | None, grad_norm: bool):
+    """Decides and counts; the step and the loop apply. Per step: ``drop_update`` (given to
+    ``train_step``, ``action="skip"`` only) judges the loss before the update; ``after_step`` says
+    why the finished step is a spike (or None) and keeps the counts; ``metrics`` reports them."""
+
+    def __init__(self, *, window: int, warmup: int, zscore: float, ratio: float | None, grad_norm: bool,
+                 action: str = "log"):
         self.window, self.warmup, self.zscore, self.ratio, self.grad_norm = window, warmup, zscore, ratio, grad_norm
+        self.action = action
         self.history: dict[str, deque] = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window)}
         self.rollbacks = 0
         self.spikes = 0
         self.skipped = 0
+        self._dropped_why: str | None = None
 
     @classmethod
     def from_config(cls, spike) -> "SpikeGuard":
         return cls(window=spike.window, warmup=spike.warmup, zscore=spike.zscore, ratio=spike.ratio,
-                   grad_norm=spike.grad_norm)
+                   grad_norm=spike.grad_norm, action=spike.action)
+
+    @property
+    def drop_update(self):
+        """``train_step``'s ``drop_update``: with ``action="skip"``, whether the step's global loss
+        is a spike whose update must be discarded (every rank sees the same loss); else None."""
+        return self._judge_update if self.action == "skip" else None
+
+    def _judge_update(self, loss: float) -> bool:
+        self._dropped_why = self.why(loss, None)
+        return self._dropped_why is not None
+
+    def after_step(self, loss: float, grad_norm: float | None, *, dropped: bool) -> str | None:
+        """Why the finished step is a spike, or None (its values then join the history);
+        ``dropped``: its update was discarded on ``drop_update``'s word (counted as skipped)."""
+        if dropped:
+            self.spikes, self.skipped = self.spikes + 1, self.skipped + 1
+            why, self._dropped_why = self._dropped_why, None
+            return why
+        return self.check(loss, grad_norm)
+
+    def metrics(self) -> dict:
+        return {"spike": 1, "spike/count": self.spikes, "spike/skipped": self.skipped}
 
     def _judge(self, key: str, value: float | None) -> str | None:
         if value is None or not math.isfinite(value):

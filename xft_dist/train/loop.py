@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from ..obs import StepMeter
 from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_values, rng_state_to_tensors
 from ..runtime import DistEnv, LaunchError, Watchdog, write_status
 from ..runtime.faults import explain, is_comm_error
+from .cadence import Cadence
 from .guard import SpikeGuard
 from .setup import Run, build_run, layout, restore_checkpoint
 from .step import LossSpikeHalt, NonFiniteLoss, TrainingHalted, train_step
@@ -161,86 +163,107 @@ def _progress(r: Run):
     return tqdm(total=r.cfg.train.steps, initial=r.step, desc="train", unit="step", file=sys.stderr)
 
 
+@dataclass
+class _Progress:
+    """What the loop carries from step to step into the run's summary."""
+
+    losses: list = field(default_factory=list)
+    valid: dict | None = None
+    samples: list | None = None
+    last_saved: Path | None = None
+    stopped: str | None = None
+
+
 def train(r: Run, *, stop=None) -> dict:
     """Steps from ``r.step`` to ``train.steps`` (or a stop); returns the run's summary."""
     cfg, step = r.cfg, r.step
     dog = r.watchdog = _watchdog(r)
     guard = r.guard = SpikeGuard.from_config(cfg.train.spike)
     guard.load_state_dict(r.spike_state)
-    skips = dict(cfg.train.skip_data)
-    meter, bar, batches = _meter(r), _progress(r), iter(r.loader)
-    last_saved, stop_reason, history, valid, samples = None, None, [], None, None
+    when = Cadence.from_config(cfg, validation=r.valid_batches is not None)
+    meter, bar, batches, done = _meter(r), _progress(r), iter(r.loader), _Progress()
     while step < cfg.train.steps:
         meter.start()
         requested = getattr(stop, "requested", None)
         _beat(dog, f"data for step {step + 1}")
         batch = next(batches)
         _beat(dog, f"step {step + 1}")
-        judged: dict = {}
-        if cfg.train.spike.action == "skip":
-            def drop_update(loss, judged=judged):  # the global loss: every rank decides alike
-                judged["why"] = guard.why(loss, None)
-                return judged["why"] is not None
-        else:
-            drop_update = None
         result = train_step(r.engine, batch, groups=r.groups, micro_batch=cfg.train.micro_batch,
                             nonfinite=cfg.train.nonfinite, step=step + 1, stop_requested=bool(requested),
-                            drop_update=drop_update)
+                            drop_update=guard.drop_update)
         step = r.step = step + 1
         _beat(dog, f"logging step {step}")
-        metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens, "grad_norm": result.grad_norm,
-                   "loss_tokens": result.loss_tokens, "skipped_micro_batches": result.skipped_micro,
-                   **meter.finish(tokens=result.tokens, real_tokens=result.real_tokens,
-                                  loss_tokens=result.loss_tokens)}
-        history.append(result.loss)
-        if result.dropped:
-            spike, guard.spikes, guard.skipped = judged["why"], guard.spikes + 1, guard.skipped + 1
-        else:
-            spike = guard.check(result.loss, result.grad_norm)
+        metrics = _step_metrics(result, meter)
+        done.losses.append(result.loss)
+        spike = guard.after_step(result.loss, result.grad_norm, dropped=result.dropped)
         if spike is not None:
-            metrics.update({"spike": 1, "spike/count": guard.spikes, "spike/skipped": guard.skipped})
-            if r.rank0:
-                log.warning("step %d: loss spike: %s (train.spike.action=%s)%s", step, spike, cfg.train.spike.action,
-                            ": update skipped" if result.dropped else "")
-            if cfg.train.spike.action == "rollback":
+            metrics.update(guard.metrics())
+            _log_spike(r, step, spike, result)
+            if guard.action == "rollback":
                 r.sinks.log(step, metrics)
                 _beat(dog, f"rollback after step {step}")
                 step, batches = _rollback(r, guard, step, spike)
                 continue
-        if step % cfg.logging.every == 0 or step == 1 or step == cfg.train.steps:  # the same steps on every rank
-            metrics.update(_data_metrics(r))
-        r.sinks.log(step, metrics)
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(loss=f"{result.loss:.4f}")
-        if r.rank0 and (step % cfg.logging.every == 0 or step == 1):
-            _log_step(cfg, step, result, metrics)
-        if result.stop_requested:  # decided with the step's numbers: every rank stops at the same step
-            stop_reason = f"signal {requested or 'on another rank'}"
-        elif cfg.train.stop_after is not None and step >= cfg.train.stop_after:
-            stop_reason = f"train.stop_after={cfg.train.stop_after}"
-        valid_every = cfg.data.valid.every
-        if r.valid_batches is not None and (step == cfg.train.steps or (valid_every and step % valid_every == 0)):
-            _beat(dog, f"validation after step {step}")
-            valid = run_validation(r, step)
-        if cfg.logging.sample_prompts and (step == cfg.train.steps or (
-                cfg.logging.sample_every and step % cfg.logging.sample_every == 0)):
-            _beat(dog, f"samples after step {step}")
-            samples = log_samples(r, step)
-        if step in skips:  # train.skip_data: the batches a rollback skipped, or chosen by hand
-            _skip_batches(r, batches, skips[step], f"train.skip_data after step {step}")
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_reason:
-            _beat(dog, f"checkpoint of step {step}")
-            last_saved = save(r, step)
-        if stop_reason:
+        _record(r, when, step, result, metrics, bar)
+        done.stopped = _stop_reason(cfg, step, result, requested)
+        _between_steps(r, when, step, batches, done)
+        if done.stopped:
             if r.rank0:
-                log.info("stopping after step %d (%s); checkpoint %s", step, stop_reason, last_saved)
+                log.info("stopping after step %d (%s); checkpoint %s", step, done.stopped, done.last_saved)
             break
     if bar is not None:
         bar.close()
-    return {"step": step, "checkpoint": str(last_saved or r.ckpt.latest()), "metrics": str(r.sinks.jsonl_path),
-            "wandb": r.sinks.wandb_dir, "wandb_mode": r.sinks.mode, "losses": history, "stopped": stop_reason,
-            "valid": valid, "samples": samples}
+    return {"step": step, "checkpoint": str(done.last_saved or r.ckpt.latest()), "metrics": str(r.sinks.jsonl_path),
+            "wandb": r.sinks.wandb_dir, "wandb_mode": r.sinks.mode, "losses": done.losses, "stopped": done.stopped,
+            "valid": done.valid, "samples": done.samples}
+
+
+def _step_metrics(result, meter: StepMeter) -> dict:
+    return {"loss": result.loss, "lr": result.lr, "tokens": result.tokens, "grad_norm": result.grad_norm,
+            "loss_tokens": result.loss_tokens, "skipped_micro_batches": result.skipped_micro,
+            **meter.finish(tokens=result.tokens, real_tokens=result.real_tokens, loss_tokens=result.loss_tokens)}
+
+
+def _log_spike(r: Run, step: int, spike: str, result) -> None:
+    if r.rank0:
+        log.warning("step %d: loss spike: %s (train.spike.action=%s)%s", step, spike, r.cfg.train.spike.action,
+                    ": update skipped" if result.dropped else "")
+
+
+def _record(r: Run, when: Cadence, step: int, result, metrics: dict, bar) -> None:
+    """The step's metrics to the sinks (with the data metrics when due), the bar and the log line."""
+    if when.data_metrics(step):  # a collective: the same steps on every rank
+        metrics.update(_data_metrics(r))
+    r.sinks.log(step, metrics)
+    if bar is not None:
+        bar.update()
+        bar.set_postfix(loss=f"{result.loss:.4f}")
+    if r.rank0 and when.prints(step):
+        _log_step(r.cfg, step, result, metrics)
+
+
+def _stop_reason(cfg: Config, step: int, result, requested) -> str | None:
+    if result.stop_requested:  # decided with the step's numbers: every rank stops at the same step
+        return f"signal {requested or 'on another rank'}"
+    if cfg.train.stop_after is not None and step >= cfg.train.stop_after:
+        return f"train.stop_after={cfg.train.stop_after}"
+    return None
+
+
+def _between_steps(r: Run, when: Cadence, step: int, batches, done: _Progress) -> None:
+    """What is due after this step, in order: validation, samples, data skips, a checkpoint."""
+    dog = r.watchdog
+    if when.validates(step):
+        _beat(dog, f"validation after step {step}")
+        done.valid = run_validation(r, step)
+    if when.samples(step):
+        _beat(dog, f"samples after step {step}")
+        done.samples = log_samples(r, step)
+    if when.skip_after(step):  # train.skip_data: the batches a rollback skipped, or chosen by hand
+        _skip_batches(r, batches, when.skip_after(step), f"train.skip_data after step {step}")
+    if when.saves(step, stopping=done.stopped is not None):
+        _beat(dog, f"checkpoint of step {step}")
+        done.last_saved = save(r, step)
 
 
 def run_validation(r: Run, step: int) -> dict:
