@@ -2,8 +2,9 @@
 
 Each TP rank's DeepSpeed ``mp_rank_XX_model_states.pt`` holds its shards. The TP=1 model built
 from the checkpoint's own config, on the meta device so no memory is spent, gives every full
-shape. A split parameter is concatenated along the dimension where the shapes differ, with vocab
-padding stripped; a replicated one is taken from rank 0. ZeRO-0/1/2 checkpoints keep the model's
+shape and each parameter's split (``nn.sharding.tp_split``, the mark its layer set): a split
+parameter is concatenated along its split dimension, with vocab padding stripped; a replicated one
+is taken from rank 0. ZeRO-0/1/2 checkpoints keep the model's
 weights in those files (in the training dtype); the fp32 master weights of ZeRO 1-3 are read from the
 optimizer partitions with DeepSpeed's ``zero_to_fp32``, one TP rank at a time.
 """
@@ -21,6 +22,7 @@ import yaml
 
 from ..config.load import validate
 from ..models.factory import build_model
+from ..nn.sharding import tp_split
 from ..parallel import ParallelGroups
 from . import integrity
 
@@ -101,6 +103,7 @@ def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -
     for name, p in reference.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     names_of = {n: names for names in aliases.values() for n in names}
+    params = dict(reference.named_parameters(remove_duplicate=False))
     full = {}
     for key, want in reference.state_dict().items():
         parts = []
@@ -109,14 +112,19 @@ def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -
             if found is None:
                 raise ValueError(f"{ckpt}: no weights for {key} (a checkpoint of another model?)")
             parts.append(found)
-        if all(p.shape == want.shape for p in parts):
+        kind, dim = tp_split(params[key]) if key in params else ("replicated", None)
+        if len(parts) == 1 or kind == "replicated":
+            if parts[0].shape != want.shape:
+                raise ValueError(f"{key}: shard shape {tuple(parts[0].shape)} vs full {tuple(want.shape)} "
+                                 f"({kind}: a checkpoint of another model?)")
             full[key] = parts[0].clone()
             continue
-        dims = [d for d in range(want.dim()) if parts[0].shape[d] != want.shape[d]]
-        if len(dims) != 1:
-            raise ValueError(f"{key}: shard shape {tuple(parts[0].shape)} vs full {tuple(want.shape)}")
-        joined = torch.cat(parts, dim=dims[0])
-        full[key] = joined.narrow(dims[0], 0, want.shape[dims[0]]).clone()  # strip vocab padding
+        joined = torch.cat(parts, dim=dim)  # the split the layer states (nn.sharding.tp_split)
+        if joined.shape[dim] < want.shape[dim] or joined.shape[:dim] + joined.shape[dim + 1:] != \
+                want.shape[:dim] + want.shape[dim + 1:]:
+            raise ValueError(f"{key}: {tp} shards of {tuple(parts[0].shape)} ({kind}, dim {dim}) do not make "
+                             f"the full {tuple(want.shape)}")
+        full[key] = joined.narrow(dim, 0, want.shape[dim]).clone()  # strip vocab padding
     return {"model": full, "config": (ckpt / "config.yaml").read_text(), "num_tokens": shared["num_tokens"],
             "pad_id": shared["pad_id"], "step": shared["step"]}
 

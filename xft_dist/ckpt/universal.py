@@ -36,23 +36,12 @@ DONE = "UNIVERSAL_COMPLETE"
 
 
 def tp_splits(model: nn.Module) -> dict[str, tuple[str, int | None]]:
-    """Each parameter's TP split: ``(kind, dim)`` with kind ``vocab`` (dim 0, padded rows),
-    ``column`` (dim 0), ``row`` (dim 1) or ``replicated`` (None)."""
-    from ..nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    """Each parameter's TP split in this model (the marks its layers set, ``nn.sharding.tp_split``):
+    ``(kind, dim)`` with kind ``vocab`` (dim 0, padded rows), ``column`` (dim 0), ``row`` (dim 1) or
+    ``replicated`` (None), the last also for a layer that is not split here (TP=1)."""
+    from ..nn.sharding import active_tp_split
 
-    out = {}
-    for mname, m in model.named_modules():
-        for pname, _ in m.named_parameters(recurse=False):
-            name = f"{mname}.{pname}" if mname else pname
-            if isinstance(m, VocabParallelEmbedding):
-                out[name] = ("vocab", 0)
-            elif isinstance(m, ColumnParallelLinear) and m.group is not None:
-                out[name] = ("column", 0)
-            elif isinstance(m, RowParallelLinear) and m.group is not None and pname == "weight":
-                out[name] = ("row", 1)
-            else:
-                out[name] = ("replicated", None)
-    return out
+    return {name: active_tp_split(p) for name, p in model.named_parameters()}
 
 
 def universal_checkpoint_info(model: nn.Module, num_tokens: int) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 from ..data.batch import IGNORE_INDEX, Batch, DocLayout
 from ..nn import (
     AbsolutePositionalEmbedding,
-    ColumnParallelLinear,
+    ReplicatedLinear,
     VocabParallelEmbedding,
     document_positions,
     fused_head_cross_entropy,
@@ -94,7 +94,7 @@ class TransformerWrapper(nn.Module):
                         if use_abs_pos_emb else None)
         self.emb_dropout = emb_dropout
         # Replicated over TP ranks (group=None): the same full weights on every rank.
-        self.project_emb = (ColumnParallelLinear(emb_dim, dim, bias=False, init_method=init.matrix(emb_dim, dim=dim))
+        self.project_emb = (ReplicatedLinear(emb_dim, dim, init_method=init.matrix(emb_dim, dim=dim))
                             if emb_dim != dim else None)
         self.tie_embedding = tie_embedding
         if return_only_embed:

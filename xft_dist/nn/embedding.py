@@ -57,7 +57,7 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.check_ids = group, check_ids
         self.weight = sharded_parameter(
             (num_embeddings, embedding_dim), partition_dim=0, group=group,
-            init_method=init_method or normal_init(), padded_size=self.padded_num_embeddings,
+            init_method=init_method or normal_init(), padded_size=self.padded_num_embeddings, split="vocab",
             dtype=dtype, device=device,
         )
 

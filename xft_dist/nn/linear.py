@@ -124,3 +124,23 @@ class RowParallelLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"per_rank={self.in_features_per_rank}, bias={self.bias is not None}, "
                 f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+
+
+class ReplicatedLinear(nn.Module):
+    """``y = x W^T`` with the same full ``W`` on every TP rank (e.g. a projection between two
+    replicated widths): never split, at any TP size. ``W`` is drawn as ``ColumnParallelLinear``
+    draws its full matrix, so the random draws, and every later parameter, match."""
+
+    def __init__(self, in_features: int, out_features: int, *, init_method: InitMethod | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        full = torch.empty(out_features, in_features, dtype=torch.float32)
+        (init_method or normal_init())(full)
+        self.weight = nn.Parameter(full.to(dtype=dtype or torch.get_default_dtype(), device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, replicated"
