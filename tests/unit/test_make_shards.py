@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xft_dist.data import LoaderConfig, Manifest, StreamingLoader, read_shard
+from xft_dist.data import LoaderConfig, Manifest, StreamingLoader
+from xft_dist.data.sources import ReadReport, iter_shard
 from xft_dist.data.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +43,8 @@ def _all_docs(out):
     m = Manifest.load(out)
     docs = []
     for s in m.shards:
-        docs.extend(read_shard(s, vocab_size=m.tokenizer["vocab_size"])[0])
+        docs.extend(d.astype(np.int64) for d in iter_shard(s, vocab_size=m.tokenizer["vocab_size"], skip_bad=False,
+                                                           report=ReadReport()))
     return m, docs
 
 

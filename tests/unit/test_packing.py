@@ -8,7 +8,7 @@ import pytest
 from xft_dist.data.packing import (
     StreamCursor,
     chunk_for_span_corruption,
-    pack_stream,
+    pack_rows,
     pad_rows,
     raw_length_for,
     segment_positions,
@@ -23,43 +23,57 @@ def _docs(rng):
     return [rng.integers(3, 100, size=int(rng.integers(1, 30))) for _ in range(int(rng.integers(1, 12)))]
 
 
+def _rows(rows: dict) -> list[dict]:
+    return [{k: v[i] for k, v in rows.items()} for i in range(len(rows["input_ids"]))]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_causal_packing_loses_and_duplicates_nothing(case):
     rng = np.random.default_rng(case)
     docs, seq_len = _docs(rng), int(rng.integers(2, 20))
-    rows, cur = pack_stream(docs, StreamCursor(), seq_len, eos_id=EOS, pad_id=PAD, final=True)
     stream = np.concatenate([np.append(d, EOS) for d in docs])
-    inputs = np.concatenate([r["input_ids"][r["mask"]] for r in rows])
-    assert np.array_equal(inputs, stream[:len(inputs)])         # every token an input once, in order
-    assert len(inputs) >= len(stream) - 1
-    labels = np.concatenate([r["labels"][: int(r["mask"].sum())] for r in rows])
-    assert np.array_equal(labels[: len(stream) - 1], stream[1:])  # every token but the first a label once
-    # Within-document targets are exactly sum(len(doc)); cross-document targets and pad never count.
-    assert sum(r["loss_mask"].sum() for r in rows) == sum(len(d) for d in docs)
+    k = (len(stream) - 1) // seq_len  # every full row the documents make
+    if k == 0:
+        assert pack_rows(docs, 0, 1, seq_len, eos_id=EOS) is None
+        return
+    packed, cur = pack_rows(docs, 0, k, seq_len, eos_id=EOS)
+    rows = _rows(packed)
+    inputs = np.concatenate([r["input_ids"] for r in rows])
+    assert np.array_equal(inputs, stream[:k * seq_len])           # every token an input once, in order
+    labels = np.concatenate([r["labels"] for r in rows])
+    assert np.array_equal(labels, stream[1:k * seq_len + 1])      # every token but the first a label once
+    # Within-document targets are those of a document token; the one after an EOS never counts.
+    assert sum(r["loss_mask"].sum() for r in rows) == int((inputs != EOS).sum())
     for r in rows:
-        assert set(np.unique(r["loss_mask"])) <= {0.0, 1.0}
-        assert np.all(r["loss_mask"][~r["mask"]] == 0)
+        assert set(np.unique(r["loss_mask"])) <= {0.0, 1.0} and r["mask"].all()
         assert np.all(np.diff(r["doc_ids"]) >= 0)
         assert np.array_equal(r["positions"], segment_positions(r["doc_ids"]))
         crossing = r["input_ids"] == EOS
-        assert np.all(r["loss_mask"][crossing & r["mask"]] == 0)  # after EOS comes another document
-    # At most the one token already used as the final label is left behind.
-    assert sum(len(d) + 1 for d in docs[cur.doc:]) - cur.offset <= 1
+        assert np.all(r["loss_mask"][crossing] == 0)  # after EOS comes another document
+    # The cursor is where the next row starts: the last label of this call's last row.
+    rest = np.concatenate([np.append(d, EOS) for d in docs[cur.doc:]])[cur.offset:]
+    assert np.array_equal(rest, stream[k * seq_len:])
+    assert pack_rows(docs, 0, k + 1, seq_len, eos_id=EOS) is None  # not enough tokens: nothing cut
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_packing_in_pieces_equals_packing_at_once(case):
     rng = np.random.default_rng(100 + case)
     docs, seq_len = _docs(rng), int(rng.integers(2, 12))
-    whole, _ = pack_stream(docs, StreamCursor(), seq_len, eos_id=EOS, pad_id=PAD)
-    pieces, cur = [], StreamCursor()
+    offset = int(rng.integers(0, len(docs[0]) + 1))  # anywhere in the first document, its EOS included
+    pieces, cur = [], StreamCursor(0, offset)
     while True:
-        rows, cur = pack_stream(docs, cur, seq_len, eos_id=EOS, pad_id=PAD, max_rows=int(rng.integers(1, 3)))
-        if not rows:
+        got = pack_rows(docs[cur.doc:], cur.offset, int(rng.integers(1, 3)), seq_len, eos_id=EOS)
+        got = got or pack_rows(docs[cur.doc:], cur.offset, 1, seq_len, eos_id=EOS)
+        if got is None:
             break
-        pieces.extend(rows)
-    assert len(pieces) == len(whole)
-    for a, b in zip(pieces, whole):
+        rows, after = got
+        pieces.extend(_rows(rows))
+        cur = StreamCursor(cur.doc + after.doc, after.offset)
+    if not pieces:
+        return
+    whole, _ = pack_rows(docs, offset, len(pieces), seq_len, eos_id=EOS)
+    for a, b in zip(pieces, _rows(whole)):
         for key in a:
             assert np.array_equal(a[key], b[key]), key
 
@@ -115,23 +129,3 @@ def test_span_corruption_invariants(case):
         again = span_corruption(chunk, enc_len=enc_len, dec_len=dec_len, sentinel_start=1000, eos_id=EOS,
                                 pad_id=PAD, start_id=2, rng=np.random.default_rng(case))
         assert all(np.array_equal(ex[k], again[k]) for k in ex)           # deterministic given the seed
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_pack_rows_cuts_exactly_the_rows_of_pack_stream(seed):
-    from xft_dist.data.packing import StreamCursor, pack_rows, pack_stream
-
-    rng = np.random.default_rng(seed)
-    docs = [rng.integers(3, 250, int(rng.integers(1, 40))) for _ in range(30)]
-    seq_len, k = int(rng.integers(2, 24)), int(rng.integers(1, 8))
-    offset = int(rng.integers(0, len(docs[0]) + 1))  # anywhere in the first document, its EOS included
-    got = pack_rows(docs, offset, k, seq_len, eos_id=1)
-    want, cursor = pack_stream(docs, StreamCursor(0, offset), seq_len, eos_id=1, pad_id=0, max_rows=k)
-    if len(want) < k:
-        assert got is None
-        return
-    rows, after = got
-    for key in want[0]:
-        np.testing.assert_array_equal(rows[key], np.stack([r[key] for r in want]), err_msg=key)
-    assert (after.doc, after.offset) == (cursor.doc, cursor.offset)
-    assert pack_rows(docs, offset, 10**4, seq_len, eos_id=1) is None  # not enough tokens: nothing cut

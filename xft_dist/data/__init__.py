@@ -8,7 +8,7 @@ import importlib
 
 _NAMES = {
     "Batch": ".batch", "DocLayout": ".batch", "IGNORE_INDEX": ".batch", "DataError": ".errors", "LoaderConfig": ".loader", "StreamingLoader": ".loader", "num_sentinels": ".loader",
-    "Manifest": ".shards", "read_shard": ".shards", "Mixture": ".sources", "Source": ".sources",
+    "Manifest": ".shards", "Mixture": ".sources", "Source": ".sources",
     "ByteTokenizer": ".tokenizer",
     "load_tokenizer": ".tokenizer",
 }

@@ -1,6 +1,6 @@
 """Pure functions from documents to training rows. No token is lost or duplicated; pad never counts.
 
-Causal LM (``pack_stream``): documents, each followed by EOS, form one token stream; row ``k``
+Causal LM (``pack_rows``): documents, each followed by EOS, form one token stream; row ``k``
 reads stream tokens ``[k L, (k + 1) L]``: inputs are the first ``L``, labels the last ``L``, so
 every token is an input exactly once and a label exactly once (but the very first). Document ids
 number the segments of a row; positions restart per segment; the loss mask drops the label that
@@ -40,58 +40,13 @@ class StreamCursor:
     offset: int = 0
 
 
-def _read(docs, cur: StreamCursor, need: int, eos_id: int):
-    """Up to ``need`` stream tokens from ``cur``: (tokens, segment of each token, cursor after)."""
-    toks, segs, d, off = [], [], cur.doc, cur.offset
-    while need > 0 and d < len(docs):
-        full_len = len(docs[d]) + 1
-        take = min(need, full_len - off)
-        body = np.asarray(docs[d][off:off + take], dtype=np.int64)
-        piece = np.concatenate([body, np.full(take - len(body), eos_id, dtype=np.int64)])
-        toks.append(piece)
-        segs.append(np.full(take, d, dtype=np.int64))
-        need -= take
-        off += take
-        if off == full_len:
-            d, off = d + 1, 0
-    if not toks:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), StreamCursor(d, off)
-    return np.concatenate(toks), np.concatenate(segs), StreamCursor(d, off)
-
-
-def pack_stream(docs, cursor: StreamCursor, seq_len: int, *, eos_id: int, pad_id: int,
-                max_rows: int | None = None, final: bool = False):
-    """Cut full rows from ``docs`` (1-D token arrays, EOS not included) starting at ``cursor``;
-    return ``(rows, cursor)`` where ``cursor`` is where the next row starts. Stops at ``max_rows``
-    or when the documents run out; with ``final=True`` a last partial row is padded.
-
-    A row spans ``seq_len + 1`` stream tokens; the next row starts at its last token.
-    """
-    rows = []
-    while max_rows is None or len(rows) < max_rows:
-        tokens, seg, end = _read(docs, cursor, seq_len + 1, eos_id)
-        real = len(tokens)
-        if real < seq_len + 1:
-            if final and real > 1:
-                pad = seq_len + 1 - real
-                rows.append(_causal_row(np.concatenate([tokens, np.full(pad, pad_id, dtype=np.int64)]),
-                                        np.concatenate([seg, np.full(pad, -1, dtype=np.int64)]), real, seq_len))
-                cursor = end
-            return rows, cursor
-        rows.append(_causal_row(tokens, seg, real, seq_len))
-        if end.offset > 0:
-            cursor = StreamCursor(end.doc, end.offset - 1)
-        else:
-            cursor = StreamCursor(end.doc - 1, len(docs[end.doc - 1]))
-    return rows, cursor
-
-
 def pack_rows(docs, offset: int, k: int, seq_len: int, *, eos_id: int) -> tuple[dict, StreamCursor] | None:
-    """``k`` full rows at once, as ``[k, seq_len]`` arrays: exactly the rows ``pack_stream(docs,
-    StreamCursor(0, offset), seq_len, max_rows=k)`` cuts (tests/unit/test_packing.py checks), and the
-    cursor after them. None when ``docs`` hold fewer than ``k * seq_len + 1`` tokens from ``offset``.
+    """``k`` full rows at once, as ``[k, seq_len]`` arrays, from ``docs`` (1-D token arrays, EOS not
+    included) starting ``offset`` tokens into the first, and the cursor after them (where the next
+    row starts: a row spans ``seq_len + 1`` stream tokens, the next starts at its last). None when
+    ``docs`` hold fewer than ``k * seq_len + 1`` tokens from ``offset``.
 
-    The loader's path: one concatenation and a few 2-D array operations instead of per-row dicts."""
+    One concatenation and a few 2-D array operations, no per-row work."""
     lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
     need = k * seq_len + 1
     if int(lengths.sum()) - offset < need:

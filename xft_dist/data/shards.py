@@ -114,16 +114,6 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def read_shard(info: ShardInfo, *, vocab_size: int, skip_bad: bool = False) -> tuple[list[np.ndarray], list[str]]:
-    """All documents of one shard, validated (int64), and what was skipped (``skip_bad``); see
-    ``sources.iter_shard``, which streams them instead."""
-    from .sources import ReadReport, iter_shard
-
-    report = ReadReport()
-    docs = [d.astype(np.int64) for d in iter_shard(info, vocab_size=vocab_size, skip_bad=skip_bad, report=report)]
-    return docs, report.messages
-
-
 def stream_shards(num_shards: int, num_streams: int, stream: int, *, seed: int, epoch: int,
                   shuffle: bool) -> list[int]:
     """Shard indices stream ``stream`` reads in ``epoch``: a (seed, epoch) permutation dealt round-robin.

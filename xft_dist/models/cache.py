@@ -28,10 +28,3 @@ class LayerIntermediates:
     last_hidden: torch.Tensor | None = None
     attn_cache: list[BlockCache] | None = None
     cache_length: int = 0
-
-    def map_cache(self, fn) -> None:
-        """Apply ``fn`` to every cached key and value tensor (e.g. reorder rows for a beam)."""
-        for block in self.attn_cache or []:
-            for kv in (block.self_attn, block.cross_attn):
-                if kv is not None and kv.k is not None:
-                    kv.k, kv.v = fn(kv.k), fn(kv.v)
