@@ -215,3 +215,25 @@ def test_configuration_errors(corpus):
         StreamingLoader(out, LoaderConfig(**{**CFG, "seq_len": 16})).load_state_dict(state)
     with pytest.raises(DataError, match="no shard manifest"):
         Manifest.load(out / "nowhere")
+
+
+def test_the_data_settings_are_defined_once():
+    """Each loader field is read from one config key; the keys that fix the data order are the ones
+    resume refuses to change; a config's loader and validation loader come from one function."""
+    from dataclasses import fields
+
+    from xft_dist.config.load import validate
+    from xft_dist.config.resume import STREAM_KEYS
+
+    names = {f.name for f in fields(LoaderConfig)}
+    assert set(LoaderConfig.KEYS) == names - {"prefetch"}
+    order = {LoaderConfig.KEYS[k] for k in names - set(LoaderConfig.RUNTIME) - {"prefetch"}}
+    assert order == set(STREAM_KEYS)
+    cfg = validate({"data": {"shards": "x", "seq_len": 16, "num_streams": 4, "mode": "padded",
+                             "valid": {"batch_rows": 6}},
+                    "train": {"global_batch": 8, "micro_batch": 4, "seed": 9}, "loss": {"ignore_index": 3}})
+    train, valid = LoaderConfig.from_config(cfg), LoaderConfig.from_config(cfg, validation=True)
+    assert (train.seq_len, train.global_rows, train.num_streams, train.mode, train.seed, train.ignore_index) == \
+        (16, 8, 4, "padded", 9, 3)
+    assert (valid.global_rows, valid.num_streams, valid.shuffle, valid.num_workers) == (6, 1, False, 0)
+    assert set(train.fingerprint()) == names - set(LoaderConfig.RUNTIME)
