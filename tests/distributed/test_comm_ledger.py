@@ -135,6 +135,27 @@ def ledger_records_phase_scope_and_bytes():
         pass
 
 
+@TP2.check
+def a_backward_on_another_thread_is_recorded():
+    """On CUDA, autograd runs the backward on a device thread of its own: the ledger entered on the
+    main thread records it all the same, with the forward's modules and the backward phase."""
+    import threading
+
+    g = ParallelGroups.build(tp_size=2)
+    seq = torch.randint(1, VOCAB, (B, N + 1))
+    model = _lm(g, glu=False, tie=True, depth=2)
+    same_thread = _step_ledger(model, seq)
+    with CollectiveLedger() as led:
+        led.watch(model)
+        loss = model(seq)
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
+    key = lambda led: sorted((r.kind, r.phase, r.scope, r.bytes) for r in led.records)  # noqa: E731
+    assert key(led) == key(same_thread)
+    assert any(r.phase == "backward" for r in led.records)
+
+
 @pytest.fixture(scope="module")
 def report():
     return TP2.run()

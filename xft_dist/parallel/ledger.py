@@ -22,7 +22,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-_LOCAL = threading.local()  # .ledger: the active CollectiveLedger; .scope: module name; .role: fwd / bwd
+# The active ledger is one per process: autograd runs a backward on a thread of its own (one per CUDA
+# device), and its collectives belong to the step that the ledger records. Module scopes and the
+# region role are per thread (a forward's scope is carried to its backward explicitly).
+_ACTIVE: "CollectiveLedger | None" = None
+_LOCK = threading.Lock()
+_LOCAL = threading.local()  # .scopes: module names; .role: forward / backward
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ class CollectiveRecord:
 
 @dataclass
 class CollectiveLedger:
-    """Records each collective of ``comm`` on this thread while active (``with CollectiveLedger() as led``).
+    """Records each collective of ``comm`` in this process while active (``with CollectiveLedger() as
+    led``), whichever thread makes it (autograd's backward threads included).
 
     ``watch(module)`` names records after the innermost module running when the collective (or, for a
     backward collective, the forward it belongs to) was made. Collectives on groups of size 1 are
@@ -59,13 +65,17 @@ class CollectiveLedger:
     _hooks: list = field(default_factory=list)
 
     def __enter__(self) -> "CollectiveLedger":
-        if getattr(_LOCAL, "ledger", None) is not None:
-            raise RuntimeError("a CollectiveLedger is already recording on this thread")
-        _LOCAL.ledger = self
+        global _ACTIVE
+        with _LOCK:
+            if _ACTIVE is not None:
+                raise RuntimeError("a CollectiveLedger is already recording in this process")
+            _ACTIVE = self
         return self
 
     def __exit__(self, *exc) -> None:
-        _LOCAL.ledger = None
+        global _ACTIVE
+        with _LOCK:
+            _ACTIVE = None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -127,7 +137,7 @@ def _in_backward() -> bool:
 
 
 def note(kind: str, x: torch.Tensor, group: ProcessGroup | None) -> None:
-    led = getattr(_LOCAL, "ledger", None)
+    led = _ACTIVE
     if led is None:
         return
     role = getattr(_LOCAL, "role", None)
@@ -141,8 +151,10 @@ def note(kind: str, x: torch.Tensor, group: ProcessGroup | None) -> None:
         ranks = tuple(range(dist.get_world_size())) if dist.is_available() and dist.is_initialized() else (0,)
     else:
         ranks = tuple(dist.get_process_group_ranks(group))
-    led.records.append(CollectiveRecord(kind, len(ranks), x.numel() * x.element_size(), phase, current_scope(),
-                                        tuple(x.shape), ranks))
+    record = CollectiveRecord(kind, len(ranks), x.numel() * x.element_size(), phase, current_scope(),
+                              tuple(x.shape), ranks)
+    with _LOCK:
+        led.records.append(record)
 
 
 def region(ctx, role: str, fn, *args, **kwargs):
@@ -150,7 +162,7 @@ def region(ctx, role: str, fn, *args, **kwargs):
     remembers its module, the backward's collectives are attributed to it."""
     if role == "forward":
         ctx.scope = current_scope()
-    if getattr(_LOCAL, "ledger", None) is None:  # nothing records: no bookkeeping on the hot path
+    if _ACTIVE is None:  # nothing records: no bookkeeping on the hot path
         return fn(*args, **kwargs)
     with in_scope(ctx.scope, role):
         return fn(*args, **kwargs)
