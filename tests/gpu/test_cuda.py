@@ -174,6 +174,25 @@ def test_tp2_training_step_over_nccl(sp):
     assert losses[0] == losses[1] and 4.0 < losses[0] < 6.0, losses  # TP peers agree; ~ln(128) untrained
 
 
+def test_bf16_cached_decoding_follows_the_fp32_model_at_long_positions():
+    """A bf16 copy decodes positions ~1000 with the KV cache as the fp32 model's full forward does:
+    the rotary angles come from integer positions in fp32 whatever ``.to(bf16)`` did."""
+    torch.manual_seed(7)
+    ref_net = TransformerWrapper(num_tokens=256, max_seq_len=2048, attn_layers=Decoder(
+        dim=128, depth=2, heads=4, attn_dim_head=32, attn_kv_heads=2)).cuda().eval()
+    seq = torch.randint(1, 256, (2, 1040), device="cuda")
+    with torch.no_grad():
+        ref = ref_net(seq)[:, -8:].float()
+        net = ref_net.to(torch.bfloat16)
+        _, cache = net(seq[:, :-8], return_intermediates=True)
+        parts = []
+        for end in range(seq.shape[1] - 7, seq.shape[1] + 1):
+            logits, cache = net(seq[:, :end], cache=cache, return_intermediates=True)
+            parts.append(logits.float())
+    err = (torch.cat(parts, dim=1) - ref).abs().mean() / ref.abs().mean()
+    assert err < 0.02, err
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_generation_on_cuda(dtype):
     """KV-cached decoding on the GPU: per-position logits equal the full forward's; greedy tokens

@@ -157,4 +157,10 @@ def fused_head_cross_entropy(
     ce = dict(vocab_size=vocab_size, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
               z_loss=float(z_loss), chunk=chunk, uniform_grad=bool(uniform_grad), mm_dtype=mm_dtype)
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # no autograd (validation, generation): the forward matmuls only. The autograd function's
+        # ``needs_input_grad`` ignores grad mode and would make gradients nobody asked for.
+        ones = torch.ones(flat_t.shape, dtype=torch.float32, device=flat_t.device)
+        losses, _, _ = _chunk_pass(flat_h, weight, flat_t, ones, want_h=False, want_w=False, group=group, ce=ce)
+        return losses.view(target.shape)
     return _FusedHeadCrossEntropy.apply(flat_h, weight, flat_t, group, ce).view(target.shape)

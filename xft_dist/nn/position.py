@@ -26,19 +26,25 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE over the first ``dim`` features of each head (``dim`` even), rotate-half layout."""
+    """RoPE over the first ``dim`` features of each head (``dim`` even), rotate-half layout.
+
+    The angles are made in fp32 from the integer positions on every call, so ``model.to(bf16)``
+    cannot round them: no frequency table is kept as a buffer, which ``.to(dtype)`` would cast
+    (a bf16 table turns position 1001 into 1000)."""
 
     def __init__(self, dim: int, *, theta: float = 10000.0):
         super().__init__()
         if dim % 2:
             raise ValueError(f"rotary dim={dim}: expected an even number")
-        self.dim = dim
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.theta = dim, float(theta)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """``[dim / 2]`` fp32 inverse frequencies, made on ``device`` (a few elements: no copy)."""
+        return 1.0 / self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions [b, n]`` -> ``(cos, sin)``, each ``[b, 1, n, dim]`` in fp32."""
-        freqs = positions.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # [b, n, dim/2]
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq(positions.device)  # [b, n, dim/2]
         freqs = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
         return freqs.cos(), freqs.sin()
 
