@@ -128,3 +128,40 @@ def test_convert_tool_makes_the_universal_conversion_a_resume_then_uses(work, ba
     assert (ckpt / "universal" / "UNIVERSAL_COMPLETE").stat().st_mtime == made  # reused, not redone
     got, want = _losses(work, "tool"), _losses(work, base)
     assert got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-5)
+
+
+def test_a_checkpoint_saved_at_tp1_resumes_at_tp2_exactly(work):
+    """Saved at TP=1 (where no parameter is split), resumed at TP=2: the checkpoint still says how
+    each parameter splits (row-parallel weights along dim 1, the vocabulary re-padded)."""
+    _train(work, "decoder.yaml", "tp1-base", 2, "parallel.tp=1")
+    _fork(work, "tp1-base", "tp1-to-tp2")
+    _train(work, "decoder.yaml", "tp1-to-tp2", 2, "parallel.tp=2")
+    want, got = _losses(work, "tp1-base"), _losses(work, "tp1-to-tp2")
+    assert got[:SAVED] == want[:SAVED] and got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-5)
+
+
+def test_bf16_zero1_checkpoints_export_their_fp32_masters_and_reshard(work, tmp_path):
+    """bf16 at ZeRO-1 accumulates gradients in fp32 through DeepSpeed's BF16_Optimizer, whose
+    checkpoint files differ from ZeRO's: the export reads its fp32 master weights, and a resume at
+    another layout continues the run (bf16 arithmetic at another TP split: 1e-3)."""
+    import torch
+
+    bf16 = ("train.precision=bf16", "parallel.zero_stage=1")
+    _train(work, "decoder.yaml", "bf16-base", 4, "parallel.tp=2", *bf16)
+    ckpt = work / "runs" / "bf16-base" / "checkpoints" / f"step-{STEPS:08d}"
+    assert list(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")), sorted(p.name for p in ckpt.iterdir())
+    out = tmp_path / "bf16.pt"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(work / "runs" / "bf16-base"),
+                          "--to", "fp32", "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported = torch.load(out, map_location="cpu", weights_only=True)["model"]
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    w = exported["net.attn_layers.layers.0.attn.to_out.weight"]
+    shard = module["net.attn_layers.layers.0.attn.to_out.weight"]  # row-parallel: TP rank 0's columns
+    assert w.dtype == torch.float32 and shard.dtype == torch.bfloat16
+    master = w[:, :shard.shape[1]]
+    assert torch.equal(master.to(torch.bfloat16), shard) and not torch.equal(master, shard.float())
+    _fork(work, "bf16-base", "bf16-tp1")
+    _train(work, "decoder.yaml", "bf16-tp1", 2, "parallel.tp=1", *bf16)
+    want, got = _losses(work, "bf16-base"), _losses(work, "bf16-tp1")
+    assert got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-3)

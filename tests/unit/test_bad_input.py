@@ -42,6 +42,11 @@ VALIDATION = {
                              "train.global_batch=10 must be a multiple of train.micro_batch=4"),
     "bad zero stage": (["parallel.zero_stage=5"], {}, "parallel.zero_stage=5"),
     "mode vs kind": (["data.mode=span"], {}, "set model.kind=encoder_decoder"),
+    "grad reduce dtype in fp32": (["parallel.grad_reduce_dtype=bf16"], {},
+                                  "parallel.grad_reduce_dtype=bf16 applies to train.precision=bf16 only"),
+    "fp32 reduction without ZeRO": (["train.precision=bf16", "parallel.zero_stage=0",
+                                     "parallel.grad_reduce_dtype=fp32"], {},
+                                    "parallel.grad_reduce_dtype=fp32 needs parallel.zero_stage 1-3"),
 }
 LAUNCH = {
     "batch vs DP": (["train.global_batch=6", "train.micro_batch=2"], {"WORLD_SIZE": "2"},

@@ -62,6 +62,21 @@ def test_deepspeed_config_is_derived_and_raw_section_cannot_conflict():
         deepspeed_config(bad, 8)
 
 
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_by_default():
+    cfg = load_config(REPO / "configs" / "gpt_125m.yaml")  # bf16, ZeRO-2
+    ds = deepspeed_config(cfg, dp_size=8)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    low = load_config(REPO / "configs" / "gpt_125m.yaml", ["parallel.grad_reduce_dtype=bf16"])
+    ds = deepspeed_config(low, dp_size=8)
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["communication_data_type"] == "bf16"
+    for off in (["train.precision=fp32"], ["parallel.zero_stage=0"]):  # fp32 training; DeepSpeed has none at ZeRO-0
+        ds = deepspeed_config(load_config(REPO / "configs" / "gpt_125m.yaml", off), dp_size=8)
+        assert "data_types" not in ds and "communication_data_type" not in ds
+    raw = load_config(REPO / "configs" / "gpt_125m.yaml", ["deepspeed={communication_data_type: bf16}"])
+    with pytest.raises(ConfigError, match="communication_data_type: set by xft_dist .*parallel.grad_reduce_dtype"):
+        deepspeed_config(raw, 8)
+
+
 # Bad input through the entry point (every case the README promises): tests/unit/test_bad_input.py
 
 

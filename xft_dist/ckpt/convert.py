@@ -6,7 +6,8 @@ shape and each parameter's split (``nn.sharding.tp_split``, the mark its layer s
 parameter is concatenated along its split dimension, with vocab padding stripped; a replicated one
 is taken from rank 0. ZeRO-0/1/2 checkpoints keep the model's
 weights in those files (in the training dtype); the fp32 master weights of ZeRO 1-3 are read from the
-optimizer partitions with DeepSpeed's ``zero_to_fp32``, one TP rank at a time.
+optimizer partitions with DeepSpeed's ``zero_to_fp32``, one TP rank at a time, or, for ZeRO-1 in bf16
+(DeepSpeed's BF16_Optimizer, fp32 gradient accumulation), from its flat fp32 partitions.
 """
 
 from __future__ import annotations
@@ -74,6 +75,33 @@ def _zero_fp32_states(ckpt: Path, tp: int) -> list[dict]:
     return states
 
 
+def _bf16_fp32_states(ckpt: Path, tp: int) -> list[dict]:
+    """Each TP rank's fp32 master weights from DeepSpeed's BF16_Optimizer partitions (ZeRO-1 in bf16
+    with fp32 gradient accumulation, ``bf16_zero_pp_rank_D_mp_rank_XX_optim_states.pt``): every DP
+    rank holds a contiguous slice of each parameter group's flat fp32 copy, and
+    ``param_slice_mappings`` names the parameters' fragments in it; a parameter is its fragments in
+    DP-rank order, shaped like the module's copy."""
+    modules = _module_states(ckpt, tp)
+    states = []
+    for r in range(tp):
+        files = sorted(ckpt.glob(f"bf16_zero_pp_rank_*_mp_rank_{r:02d}_optim_states.pt"),
+                       key=lambda f: int(f.name.split("_")[4]))
+        if not files:
+            raise ValueError(f"{ckpt}: no bf16 optimizer partitions for tensor-parallel rank {r}")
+        fragments: dict[str, list[torch.Tensor]] = {}
+        for f in files:
+            opt = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"]):
+                for name, frag in mapping.items():
+                    fragments.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+        state = {}
+        for name, parts in fragments.items():
+            shape = modules[r][name].shape
+            state[name] = torch.cat(parts).view(shape).clone()
+        states.append(state)
+    return states
+
+
 def _module_states(ckpt: Path, tp: int) -> list[dict]:
     """Each TP rank's weights as the module held them (ZeRO 0: no partitions; training dtype)."""
     files = [ckpt / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
@@ -94,7 +122,12 @@ def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -
     ckpt = Path(ckpt)
     cfg, shared = _read(ckpt)
     tp = cfg.parallel.tp
-    shards = _zero_fp32_states(ckpt, tp) if cfg.parallel.zero_stage > 0 else _module_states(ckpt, tp)
+    if cfg.parallel.zero_stage == 0:
+        shards = _module_states(ckpt, tp)
+    elif any(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        shards = _bf16_fp32_states(ckpt, tp)
+    else:
+        shards = _zero_fp32_states(ckpt, tp)
     if reference is None:
         with torch.device("meta"):
             reference = build_model(at_tp1(cfg), ParallelGroups.single(), None, num_tokens=shared["num_tokens"],

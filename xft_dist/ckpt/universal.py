@@ -38,10 +38,13 @@ DONE = "UNIVERSAL_COMPLETE"
 def tp_splits(model: nn.Module) -> dict[str, tuple[str, int | None]]:
     """Each parameter's TP split in this model (the marks its layers set, ``nn.sharding.tp_split``):
     ``(kind, dim)`` with kind ``vocab`` (dim 0, padded rows), ``column`` (dim 0), ``row`` (dim 1) or
-    ``replicated`` (None), the last also for a layer that is not split here (TP=1)."""
-    from ..nn.sharding import active_tp_split
+    ``replicated`` (None). At TP=1 too: a checkpoint saved at TP=1 and resumed at TP=2 must tell
+    DeepSpeed which dimension to cut a row-parallel weight along and which tensors to re-pad (with
+    every parameter recorded as replicated, the vocabulary load failed and a row-parallel weight
+    would have been cut along the wrong dimension)."""
+    from ..nn.sharding import tp_split
 
-    return {name: active_tp_split(p) for name, p in model.named_parameters()}
+    return {name: tp_split(p) for name, p in model.named_parameters()}
 
 
 def universal_checkpoint_info(model: nn.Module, num_tokens: int) -> dict:

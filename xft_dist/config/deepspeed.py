@@ -17,6 +17,7 @@ COMM = {"overlap_comm": "overlap_comm", "contiguous_gradients": "contiguous_grad
 OWNED = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization.stage",
+    "data_types.grad_accum_dtype", "communication_data_type",
     *(f"zero_optimization.{k}" for k in COMM),
 }
 
@@ -70,6 +71,18 @@ def check_precision(cfg: Config, device: str) -> None:
             raise ConfigError("train.precision=bf16: this GPU does not support bf16; use fp16 or fp32")
 
 
+def grad_dtypes(cfg: Config) -> dict[str, Any]:
+    """Under bf16, gradients accumulate over micro-batches and are reduced over DP in fp32 unless
+    ``parallel.grad_reduce_dtype=bf16`` (Megatron's choice too: a sum of many bf16 gradients loses
+    the small ones). DeepSpeed 0.19.8 does this with ``data_types.grad_accum_dtype`` (ZeRO-1 then
+    runs its BF16_Optimizer, ZeRO 2-3 an fp32 accumulation buffer) and ``communication_data_type``
+    (the reduction's dtype); it has no fp32 accumulation without ZeRO."""
+    if cfg.train.precision != "bf16" or cfg.parallel.zero_stage == 0:
+        return {}
+    dtype = cfg.parallel.grad_reduce_dtype or "fp32"
+    return {"data_types": {"grad_accum_dtype": dtype}, "communication_data_type": dtype}
+
+
 def _conflicts(raw: dict, prefix: str = "") -> list[str]:
     found = []
     for k, v in raw.items():
@@ -99,13 +112,19 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": cfg.train.precision == "fp16"},
         "zero_optimization": {"stage": cfg.parallel.zero_stage, **zero_comm(cfg)},
+        **grad_dtypes(cfg),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     conflicts = _conflicts(cfg.deepspeed)
     if conflicts:
         key = conflicts[0].split(".")[-1]
-        ours = f"parallel.{COMM[key]}" if key in COMM else "e.g. train.*, optim.*, parallel.zero_stage"
+        if key in COMM:
+            ours = f"parallel.{COMM[key]}"
+        elif key in ("grad_accum_dtype", "communication_data_type"):
+            ours = "parallel.grad_reduce_dtype"
+        else:
+            ours = "e.g. train.*, optim.*, parallel.zero_stage"
         raise ConfigError(f"deepspeed.{conflicts[0]}: set by xft_dist from its own config ({ours}); remove it "
                           f"from the raw deepspeed section")
     return _merge(ds, cfg.deepspeed)

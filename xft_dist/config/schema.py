@@ -81,6 +81,10 @@ class ParallelSection(Section):
         None, ge=1, description="ZeRO-3: elements prefetched ahead of use; default max(0.9 dim^2, 2^21)")
     param_persistence_threshold: int | None = Field(
         None, ge=0, description="ZeRO-3: parameters this small stay gathered; default 10 dim")
+    grad_reduce_dtype: Literal["fp32", "bf16"] | None = Field(
+        None, description="train.precision=bf16: dtype in which micro-batch gradients accumulate and are reduced "
+                          "over DP; default fp32 (ZeRO 1-3; DeepSpeed has no fp32 accumulation without ZeRO, so "
+                          "ZeRO-0 uses bf16)")
 
 
 class ValidSection(Section):
@@ -264,6 +268,13 @@ class Config(Section):
         if self.train.spike.action == "skip" and self.parallel.zero_stage == 0:
             raise ValueError("train.spike.action='skip' discards updates through the ZeRO optimizer's overflow check: "
                              "use parallel.zero_stage 1-3 (or action 'log' / 'rollback')")
+        reduce_dtype, precision = self.parallel.grad_reduce_dtype, self.train.precision
+        if reduce_dtype is not None and precision != "bf16":
+            raise ValueError(f"parallel.grad_reduce_dtype={reduce_dtype} applies to train.precision=bf16 only "
+                             f"(train.precision={precision} accumulates and reduces in its own dtype): remove it")
+        if reduce_dtype == "fp32" and self.parallel.zero_stage == 0:
+            raise ValueError("parallel.grad_reduce_dtype=fp32 needs parallel.zero_stage 1-3: without ZeRO DeepSpeed "
+                             "accumulates bf16 gradients in bf16 (set zero_stage, or grad_reduce_dtype=bf16)")
         if self.data.mode == "span" and m.kind != "encoder_decoder":
             raise ValueError("data.mode='span' produces encoder-decoder batches: set model.kind=encoder_decoder")
         if m.kind == "encoder_decoder" and self.data.mode != "span":
