@@ -3,6 +3,8 @@ fused head + loss doing forward work only without autograd, bf16 decoding at lon
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -76,3 +78,48 @@ def test_fused_loss_with_autograd_still_makes_its_gradients_in_the_forward():
     with _CountMatmuls() as counter:
         losses = fused_head_cross_entropy(hidden, weight, torch.randint(0, 50, (96,)), chunk_tokens=32)
     assert counter.count == 9 and losses.requires_grad  # logits, grad_h, grad_w per chunk
+
+
+def test_one_gpu_per_task_gives_every_local_rank_the_device_it_sees(monkeypatch):
+    from xft_dist.runtime import DistEnv
+    from xft_dist.runtime.world import rank_device
+
+    env = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
+                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM --gpus-per-task=1: one visible GPU
+    assert rank_device(env, "cuda") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert rank_device(env, "cuda") == torch.device("cuda", 3)
+    assert rank_device(env, "cpu") == torch.device("cpu")
+
+
+def test_bf16_on_a_gpu_without_bf16_kernels_is_refused_naming_it(monkeypatch):
+    from xft_dist.config import ConfigError, load_config
+    from xft_dist.config.deepspeed import check_precision
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", ["train.precision=bf16"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true there, by emulation
+    with pytest.raises(ConfigError, match=r"train.precision=bf16: Tesla V100-SXM2-16GB \(compute capability 7.0\) "
+                                          "has no bf16 kernels"):
+        check_precision(cfg, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    check_precision(cfg, "cuda")
+
+
+def test_tf32_for_fp32_matmuls_on_gpu_ranks_only():
+    from xft_dist.runtime.world import matmul_precision
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        matmul_precision(torch.device("cpu"), allow_tf32=True)
+        assert torch.get_float32_matmul_precision() == "highest"  # CPU ranks: untouched
+        matmul_precision(torch.device("cuda", 0), allow_tf32=True)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        matmul_precision(torch.device("cuda", 0), allow_tf32=False)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

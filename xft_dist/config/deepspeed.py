@@ -67,8 +67,11 @@ def check_precision(cfg: Config, device: str) -> None:
     if p == "bf16" and device == "cuda":
         import torch
 
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError("train.precision=bf16: this GPU does not support bf16; use fp16 or fp32")
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:  # torch.cuda.is_bf16_supported() is true there too, by emulation
+            raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name()} (compute capability "
+                              f"{major}.{minor}) has no bf16 kernels, which the fused attention paths need "
+                              "(compute capability 8.0, Ampere, or newer); use fp16 or fp32")
 
 
 def grad_dtypes(cfg: Config) -> dict[str, Any]:

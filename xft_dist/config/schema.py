@@ -81,6 +81,7 @@ class ParallelSection(Section):
         None, ge=1, description="ZeRO-3: elements prefetched ahead of use; default max(0.9 dim^2, 2^21)")
     param_persistence_threshold: int | None = Field(
         None, ge=0, description="ZeRO-3: parameters this small stay gathered; default 10 dim")
+    allow_tf32: bool = Field(True, description="GPU ranks: fp32 matmuls on TF32 tensor cores (off: exact fp32)")
     grad_reduce_dtype: Literal["fp32", "bf16"] | None = Field(
         None, description="train.precision=bf16: dtype in which micro-batch gradients accumulate and are reduced "
                           "over DP; default fp32 (ZeRO 1-3; DeepSpeed has no fp32 accumulation without ZeRO, so "
@@ -204,6 +205,9 @@ class CheckpointSection(Section):
     reshard: Literal["auto", "off"] = Field(
         "auto", description="auto: a checkpoint of another TP x DP layout or ZeRO stage is converted to DeepSpeed's "
                             "universal format (once, rank 0) and loaded; off: refuse it")
+    reshard_timeout_s: float = Field(
+        7200, gt=0, description="how long the other ranks wait for rank 0's universal conversion (its own "
+                                "timeout: a large checkpoint's conversion outlasts parallel.timeout_s)")
 
     @field_validator("reshard", mode="before")
     @classmethod

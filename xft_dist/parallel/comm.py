@@ -211,9 +211,24 @@ def all_gather_object(obj: Any, group: ProcessGroup | None = None) -> list[Any]:
     return out
 
 
-def barrier(group: ProcessGroup | None = None) -> None:
-    """Wait for every rank of ``group`` (the world by default); nothing to do without a world."""
+def barrier(group: ProcessGroup | None = None, *, timeout_s: float | None = None) -> None:
+    """Wait for every rank of ``group`` (the world by default); nothing to do without a world.
+
+    ``timeout_s``: wait up to this long instead of the group's own timeout, for a wait on long host
+    work of one rank (a checkpoint's conversion to another layout). The wait then runs on a gloo
+    group made for it (a CPU barrier: NCCL's watchdog, bound to ``parallel.timeout_s``, is not
+    involved), and a rank that does not arrive is named (``monitored_barrier``)."""
     if not world_initialized():
+        return
+    if timeout_s is not None:
+        from datetime import timedelta
+
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        waiting = dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.monitored_barrier(group=waiting, timeout=timedelta(seconds=timeout_s))
+        finally:
+            dist.destroy_process_group(waiting)
         return
     device = group_device(group)
     if device is not None and device.type == "cuda":

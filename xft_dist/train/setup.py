@@ -29,7 +29,7 @@ from ..models.factory import build_model
 from ..obs import MetricSinks
 from ..parallel import ParallelGroups, RNGStreams, barrier, restore_rng_state, rng_state_from_tensors, seed_all
 from ..runtime import DistEnv
-from ..runtime.world import World, accelerator, init_world, rank_device
+from ..runtime.world import World, accelerator, init_world, matmul_precision, rank_device
 from .resume import ResumePlan, check_paths, checkpoint_dir, newest_checkpoint, plan_resume, run_dir
 
 log = logging.getLogger("xft_dist.train")
@@ -139,6 +139,7 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
             raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs {cfg.parallel.tp} ranks; one process builds TP=1")
         # one process, no world: the model is built where ``device`` says (the CPU by default)
         groups, run_device = ParallelGroups.single(), torch.device(device or "cpu")
+    matmul_precision(run_device, allow_tf32=cfg.parallel.allow_tf32)
     streams = seed_all(cfg.train.seed, tp_rank=groups.tp_rank)
     with torch.device(device) if device is not None and world is None else contextlib.nullcontext():
         model = build_model(cfg, groups, streams, num_tokens=vocab.num_tokens, pad_id=vocab.pad_id)
@@ -198,7 +199,7 @@ def _pick_resume(cfg: Config, groups: ParallelGroups, plan: ResumePlan | None, *
 
             log.info("resharding %s (%s) through DeepSpeed's universal checkpoint", latest, plan.layout_change)
             to_universal(latest)
-        barrier()
+        barrier(timeout_s=cfg.checkpoint.reshard_timeout_s)  # not parallel.timeout_s: a conversion takes long
     return plan
 
 
