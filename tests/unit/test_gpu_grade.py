@@ -123,3 +123,36 @@ def test_tf32_for_fp32_matmuls_on_gpu_ranks_only():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_query_attention_reads_kv_heads_without_repeating_them(masked):
+    from xft_dist.nn import Attention
+
+    torch.manual_seed(2)
+    attn = Attention(64, heads=8, dim_head=8, kv_heads=2, causal=True)
+    x = torch.randn(2, 12, 64)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    with _OpNames() as ops:
+        out = attn(x, mask=mask if masked else None)
+    assert not [n for n in ops.names if "repeat" in n or n == "expand"], ops.names
+    # the same numbers as attention over repeated heads
+    q = attn.to_q(x).view(2, 12, 8, 8).transpose(1, 2)
+    k = attn.to_k(x).view(2, 12, 2, 8).transpose(1, 2).repeat_interleave(4, dim=1)
+    v = attn.to_v(x).view(2, 12, 2, 8).transpose(1, 2).repeat_interleave(4, dim=1)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    full = causal & mask[:, None, None, :] if masked else causal
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)
+    ref = attn.to_out(ref.transpose(1, 2).reshape(2, 12, 64))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

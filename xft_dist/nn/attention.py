@@ -304,14 +304,12 @@ class Attention(nn.Module):
 
     def _sdpa(self, q, k, v, causal, key_mask, doc_ids, dropout_p):
         n, m = q.shape[-2], k.shape[-2]
-        if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        gqa = self.kv_heads != self.heads  # the kernel reads each kv head for its group: no repeated copy
         mask = attention_mask(n=n, m=m, causal=causal, key_mask=key_mask, doc_ids=doc_ids, device=q.device)
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa)
         # A row with no visible key would softmax over nothing (NaN). Let the kernel see every key
         # there, then zero that row: nothing leaks into it, and no gradient flows out of it.
         empty = ~mask.any(dim=-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, dropout_p=dropout_p, enable_gqa=gqa)
         return out.masked_fill(empty, 0.0)
