@@ -1,4 +1,5 @@
-"""The hot loop waits for the device at most twice per training step: every ``Tensor.item``,
+"""The hot loop waits for the device at most twice per training step, and copies host numbers to it
+once, from pinned memory on GPU ranks: every ``Tensor.item``,
 ``tolist``, ``cpu``, ``__bool__``, ``__float__`` and ``__int__`` made during ``train_step`` is
 counted, on real engines fed by the real loader, for both model kinds, and attributed: xft_dist's
 own (at most 2), DeepSpeed's (its overflow check and its clipping, once per parameter group, read
@@ -52,6 +53,27 @@ def counting():
             setattr(torch.Tensor, m, fn)
 
 
+@contextmanager
+def host_data_tensors():
+    """Each ``torch.tensor(host data)`` made by ``xft_dist/train`` (on a GPU rank, a host-to-device
+    copy): ``(pinned, device)`` per call, ``pinned`` as asked with ``pin_memory=``."""
+    import traceback
+
+    made: list[tuple[bool, str]] = []
+    real = torch.tensor
+
+    def tensor(data, *a, **kw):
+        if any("/xft_dist/train/" in f.filename.replace("\\", "/") for f in traceback.extract_stack()[-3:-1]):
+            made.append((bool(kw.get("pin_memory")), str(kw.get("device", "cpu"))))
+        return real(data, *a, **kw)
+
+    torch.tensor = tensor
+    try:
+        yield made
+    finally:
+        torch.tensor = real
+
+
 def _syncs_per_step(kind: str, tp: int) -> list[int]:
     from xft_dist.config.load import validate
     from xft_dist.train.setup import build_run
@@ -71,9 +93,12 @@ def _syncs_per_step(kind: str, tp: int) -> list[int]:
     batches, counts = iter(run.loader), []
     for step in range(4):
         batch = next(batches)
-        with counting() as calls:
+        with counting() as calls, host_data_tensors() as made:
             train_step(run.engine, batch, groups=run.groups, micro_batch=cfg.train.micro_batch, step=step + 1)
         counts.append({who: calls.count(who) for who in ("xft_dist", "deepspeed", "other")})
+        # the step's host numbers go to the device once, from memory pinned on GPU ranks (the flags
+        # are made on the device): no pageable host-to-device copy of our own
+        assert made == [(run.device.type == "cuda", "cpu")], f"{kind} TP={tp}: host data made into tensors {made}"
     run.engine.destroy()
     # ours: the step's numbers (one collective, read once) and the grad norm DeepSpeed computed
     assert max(c["xft_dist"] for c in counts[1:]) <= 2, f"{kind} TP={tp}: host syncs per step {counts}"

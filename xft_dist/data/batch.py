@@ -204,6 +204,15 @@ class Batch:
         start = sum(sizes[:rank])
         return self.select(start, start + sizes[rank])
 
+    def pin_memory(self) -> "Batch":
+        """The batch in pinned host memory (CUDA builds), so that ``to(cuda, non_blocking=True)``
+        copies asynchronously. ``torch.utils.data.DataLoader(pin_memory=True)`` calls it too."""
+        pinned = {k: t.pin_memory() for k, t in self.tensors().items()}
+        layout = self.layout
+        if layout is not None:
+            layout = DocLayout(layout.cu_seqlens.pin_memory(), layout.bounds, layout.max_len, layout.shape)
+        return replace(self, layout=layout, **pinned)
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The batch on ``device`` (the counts stay host integers; ``layout.bounds`` too)."""
         moved = {k: t.to(device, non_blocking=non_blocking) for k, t in self.tensors().items()}

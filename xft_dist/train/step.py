@@ -65,8 +65,17 @@ class StepResult:
 
 def split_micro_batches(batch: Batch, micro_batch: int, device) -> list[Batch]:
     """Micro-batches of ``micro_batch`` rows, each cut (and its document layout made) on the host,
-    then moved to ``device``."""
-    return [mb.to(device, non_blocking=True) for mb in batch.split(micro_batch)]
+    then moved to ``device``: through pinned memory on GPU ranks, so the copies are asynchronous
+    (a ``non_blocking`` copy from pageable memory is not)."""
+    pin = torch.device(device).type == "cuda"
+    return [(mb.pin_memory() if pin else mb).to(device, non_blocking=True) for mb in batch.split(micro_batch)]
+
+
+def host_numbers(values, device) -> torch.Tensor:
+    """Host numbers as an fp64 tensor on ``device``: one asynchronous copy from pinned memory on GPU
+    ranks (``torch.tensor(values, device=cuda)`` would copy from pageable memory and wait)."""
+    pin = torch.device(device).type == "cuda"
+    return torch.tensor(values, dtype=torch.float64, pin_memory=pin).to(device, non_blocking=True)
 
 
 def _world(groups: ParallelGroups):
@@ -89,8 +98,7 @@ def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int
         raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "
                            f"{engine.gradient_accumulation_steps()}")
     # [positions, real positions, loss tokens] of the global batch: the batch's counts, reduced on the device
-    counts = torch.tensor(batch.counts(), dtype=torch.float64).to(engine.device, non_blocking=True)
-    counts = all_reduce(counts, groups.dp_group)
+    counts = all_reduce(host_numbers(batch.counts(), engine.device), groups.dp_group)
     scale = (groups.dp_size * len(micro)) / counts[2].clamp(min=1.0)
     device = counts.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -112,7 +120,7 @@ def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int
             # Over the whole world, so that a stop request or a bad loss on any rank reaches every
             # TP peer too; TP peers hold the same loss, so only TP rank 0 adds it in.
             own = loss_sum if groups.tp_rank == 0 else torch.zeros_like(loss_sum)
-            flags = torch.tensor([float(stop_requested)], dtype=torch.float64, device=device)
+            flags = torch.full((1,), float(stop_requested), dtype=torch.float64, device=device)  # no copy
             numbers = all_reduce(torch.cat([torch.stack([own, bad]), flags]), _world(groups))
             numbers = torch.cat([counts, numbers]).tolist()
             if numbers[4] > 0 and nonfinite == "stop":
