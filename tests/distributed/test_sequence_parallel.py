@@ -138,6 +138,71 @@ def sequence_parallel_collectives_are_gathers_and_reduce_scatters():
                                     + [("backward", "all_gather")] * 2), layer0  # the inputs gathered again
 
 
+def _in_torch_distributed() -> bool:
+    import traceback
+
+    return any("/torch/distributed/" in f.filename.replace("\\", "/") for f in traceback.extract_stack())
+
+
+class _Copies:
+    """Counts the ops that copy tensor data, ours: not those inside a collective's own call (gloo's
+    reduce-scatter copies its chunk out of an all-reduce; NCCL's is native)."""
+
+    COPY = {"clone", "copy_", "cat", "_to_copy", "stack", "index_select", "contiguous"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ in outer.COPY and not _in_torch_distributed():
+                    outer.ops.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.ops = Mode(), []
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@TP2.check
+def sequence_parallel_collectives_copy_at_most_once():
+    """Each SP collective, forward and backward, makes at most one copy of its data (the rank-major
+    to sequence-major rearrangement of a [b, n, d] tensor with b > 1; none with b = 1), and the
+    results are the concatenation and the chunked sum."""
+    from xft_dist.parallel import gather_seq_to_tp, reduce_scatter_seq
+
+    g = ParallelGroups.build(tp_size=2)
+    r = g.tp_rank
+    for b in (1, 3):
+        chunk = (torch.arange(b * 4 * 5, dtype=torch.float32).view(b, 4, 5) + 100 * r).requires_grad_()
+        with _Copies() as fwd:
+            full = gather_seq_to_tp(chunk, g.tp_group)
+        expect = torch.cat([chunk.detach() - 100 * r, chunk.detach() - 100 * r + 100], dim=1)
+        assert torch.equal(full, expect), (full, expect)
+        grad = torch.ones_like(full) * (r + 1)
+        with _Copies() as bwd:
+            full.backward(grad)
+        assert torch.equal(chunk.grad, torch.full_like(chunk, 3.0))  # the sum over both ranks' grads
+        x = (torch.arange(b * 8 * 5, dtype=torch.float32).view(b, 8, 5) * (r + 1)).requires_grad_()
+        with _Copies() as fwd2:
+            part = reduce_scatter_seq(x, g.tp_group)
+        ref = (torch.arange(b * 8 * 5, dtype=torch.float32).view(b, 8, 5) * 3).chunk(2, dim=1)[r]
+        assert torch.equal(part, ref)
+        with _Copies() as bwd2:
+            part.backward(torch.ones_like(part) * (r + 1))
+        assert torch.equal(x.grad, torch.cat([torch.ones(b, 4, 5), torch.full((b, 4, 5), 2.0)], dim=1))
+        for what, counter in (("gather forward", fwd), ("gather backward", bwd), ("reduce-scatter forward", fwd2),
+                              ("reduce-scatter backward", bwd2)):
+            assert len(counter.ops) <= (1 if b > 1 else 0), f"b={b}, {what}: copies {counter.ops}"
+
+
 @pytest.fixture(scope="module")
 def report():
     return TP2.run()

@@ -44,6 +44,7 @@ exceptions are ``barrier``, ``all_gather_object`` and ``any_rank``/``reduce_valu
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Sequence
 
 import torch
@@ -155,31 +156,56 @@ def any_rank(flag: bool, group: ProcessGroup | None = None) -> bool:
     return reduce_values([1.0 if flag else 0.0], group, op="max")[0] > 0
 
 
+def _readable(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """``x`` where ``group``'s collectives can read it, for a collective that only reads its input:
+    ``x`` itself (no copy) when it is already there and contiguous."""
+    device = group_device(group)
+    if device is not None and x.device != device:
+        x = x.to(device)
+    return x.contiguous()
+
+
 def all_gather(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = -1) -> torch.Tensor:
-    """Every rank's ``x`` concatenated along ``dim`` (in rank order), on ``x``'s device."""
+    """Every rank's ``x`` concatenated along ``dim`` (in rank order), on ``x``'s device.
+
+    One ``all_gather_into_tensor`` into a preallocated output, which it fills rank-major: that is
+    the concatenation itself where ``dim`` has only size-1 dimensions before it, and one copy
+    (rank-major to ``dim``-major) otherwise. The input is read in place."""
     size = group_size(group)
     if size == 1:
         return x
     ledger.note("all_gather", x, group)
-    y = _place(x, group)
-    parts = [torch.empty_like(y) for _ in range(size)]
-    dist.all_gather(parts, y, group=group)
-    return torch.cat(parts, dim=dim).to(x.device)
+    y = _readable(x, group)
+    dim = dim % y.dim()
+    out = torch.empty((size, *y.shape), dtype=y.dtype, device=y.device)
+    dist.all_gather_into_tensor(out.view(-1), y.view(-1), group=group)
+    gathered = (*y.shape[:dim], size * y.shape[dim], *y.shape[dim + 1:])
+    if math.prod(y.shape[:dim]) == 1:
+        return out.view(gathered).to(x.device)
+    return out.movedim(0, dim).reshape(gathered).to(x.device)
 
 
 def reduce_scatter(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = 0,
                    op: str | dist.ReduceOp = "sum") -> torch.Tensor:
-    """This rank's chunk (along ``dim``) of the reduction of ``x`` over ``group``."""
+    """This rank's chunk (along ``dim``) of the reduction of ``x`` over ``group``.
+
+    One ``reduce_scatter_tensor``, which splits its input rank-major: ``x`` is read in place where
+    ``dim`` has only size-1 dimensions before it, and rearranged by one copy otherwise."""
     size = group_size(group)
     if size == 1:
         return x
+    dim = dim % x.dim()
     if x.shape[dim] % size:
         raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {size} ranks")
     ledger.note("reduce_scatter", x, group)
-    y = _place(x, group)
-    parts = [p.contiguous() for p in y.chunk(size, dim=dim)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, op=_op(op), group=group)
+    chunk = (*x.shape[:dim], x.shape[dim] // size, *x.shape[dim + 1:])
+    if math.prod(x.shape[:dim]) == 1:
+        y = _readable(x, group)
+    else:  # [..., size * c, ...] -> [size, ..., c, ...]: each rank's chunk contiguous
+        device = group_device(group) or x.device
+        y = x.to(device).unflatten(dim, (size, chunk[dim])).movedim(dim, 0).contiguous()
+    out = torch.empty(chunk, dtype=x.dtype, device=y.device)
+    dist.reduce_scatter_tensor(out.view(-1), y.view(-1), op=_op(op), group=group)
     return out.to(x.device)
 
 
