@@ -156,6 +156,11 @@ def any_rank(flag: bool, group: ProcessGroup | None = None) -> bool:
     return reduce_values([1.0 if flag else 0.0], group, op="max")[0] > 0
 
 
+# One flat tensor in, one out (torch 2.13 names them ``*_single``; before, ``*_into_tensor`` / ``*_tensor``).
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _readable(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """``x`` where ``group``'s collectives can read it, for a collective that only reads its input:
     ``x`` itself (no copy) when it is already there and contiguous."""
@@ -168,7 +173,7 @@ def _readable(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
 def all_gather(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = -1) -> torch.Tensor:
     """Every rank's ``x`` concatenated along ``dim`` (in rank order), on ``x``'s device.
 
-    One ``all_gather_into_tensor`` into a preallocated output, which it fills rank-major: that is
+    One ``all_gather_single`` into a preallocated output, which it fills rank-major: that is
     the concatenation itself where ``dim`` has only size-1 dimensions before it, and one copy
     (rank-major to ``dim``-major) otherwise. The input is read in place."""
     size = group_size(group)
@@ -178,7 +183,7 @@ def all_gather(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = -1) ->
     y = _readable(x, group)
     dim = dim % y.dim()
     out = torch.empty((size, *y.shape), dtype=y.dtype, device=y.device)
-    dist.all_gather_into_tensor(out.view(-1), y.view(-1), group=group)
+    _ALL_GATHER_SINGLE(out.view(-1), y.view(-1), group=group)
     gathered = (*y.shape[:dim], size * y.shape[dim], *y.shape[dim + 1:])
     if math.prod(y.shape[:dim]) == 1:
         return out.view(gathered).to(x.device)
@@ -189,7 +194,7 @@ def reduce_scatter(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = 0,
                    op: str | dist.ReduceOp = "sum") -> torch.Tensor:
     """This rank's chunk (along ``dim``) of the reduction of ``x`` over ``group``.
 
-    One ``reduce_scatter_tensor``, which splits its input rank-major: ``x`` is read in place where
+    One ``reduce_scatter_single``, which splits its input rank-major: ``x`` is read in place where
     ``dim`` has only size-1 dimensions before it, and rearranged by one copy otherwise."""
     size = group_size(group)
     if size == 1:
@@ -205,7 +210,7 @@ def reduce_scatter(x: torch.Tensor, group: ProcessGroup | None, *, dim: int = 0,
         device = group_device(group) or x.device
         y = x.to(device).unflatten(dim, (size, chunk[dim])).movedim(dim, 0).contiguous()
     out = torch.empty(chunk, dtype=x.dtype, device=y.device)
-    dist.reduce_scatter_tensor(out.view(-1), y.view(-1), op=_op(op), group=group)
+    _REDUCE_SCATTER_SINGLE(out.view(-1), y.view(-1), op=_op(op), group=group)
     return out.to(x.device)
 
 
