@@ -19,7 +19,7 @@ from ..config import Config, ConfigError
 from ..data import Batch, DataError, LoaderConfig, Manifest, StreamingLoader
 from ..data.tokenizer import same_tokenizer
 from ..parallel import ParallelGroups, all_reduce
-from .step import split_micro_batches
+from .step import host_numbers, split_micro_batches
 
 
 def valid_manifest(cfg: Config, train: Manifest | None = None, shards: str | None = None) -> Manifest | None:
@@ -65,7 +65,7 @@ def evaluate(forward, model: torch.nn.Module, batches: list[Batch], *, groups: P
                 tokens += mb.num_loss_tokens
     finally:
         model.train(was_training)
-    acc = torch.cat([loss_sum[None], torch.tensor([float(tokens)], dtype=torch.float64).to(device)])
+    acc = torch.cat([loss_sum[None], host_numbers([float(tokens)], device)])
     loss_sum, tokens = all_reduce(acc, groups.dp_group).tolist()
     if tokens == 0:
         raise ValueError("the validation batches hold no loss tokens")
