@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""``make gpu-smoke``: the first run on a machine with GPUs, in three parts.
+"""``make gpu-smoke``: the first run on a machine with GPUs, in four parts.
 
 1. ``pytest -m gpu``: CUDA kernels against their CPU twins (varlen vs dense-mask attention, fused vs
    unfused loss, SDPA in bf16, CUDA RNG streams per TP rank, a TP=2 NCCL step when 2 GPUs are seen).
@@ -7,6 +7,9 @@
    are visible) under the deepspeed launcher.
 3. ``tools/bench.py`` at GPT-2 small shape in bf16: tokens/s, memory and MFU side by side with
    x-transformers.
+4. Host syncs on the GPU: three training steps of a small decoder LM (one GPU, bf16, ZeRO-1) under
+   ``torch.cuda.set_sync_debug_mode("warn")``; every place that waited for the device is printed
+   with its count per step (the CPU test, ``tests/distributed/test_host_syncs.py``, allows ours 2).
 
 It uses the torch in ``.venv``; with a CPU build or no visible device it says what to install and
 exits with status 2. Record what it prints in docs/perf.md (GPU model, date, command).
@@ -44,7 +47,55 @@ def step(title: str, cmd: list[str], env: dict | None = None) -> bool:
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}).returncode == 0
 
 
+def sync_report(steps: int = 3) -> int:
+    """Part 4, in its own process: ``train_step`` under ``set_sync_debug_mode("warn")``, the syncs
+    counted by the place in xft_dist (or DeepSpeed, torch) that asked."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    from xft_dist.config.load import validate
+    from xft_dist.data import Batch
+    from xft_dist.runtime import DistEnv
+    from xft_dist.train.setup import VocabFacts, build_run
+    from xft_dist.train.step import train_step
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    cfg = validate({"model": {"dim": 256, "depth": 2, "heads": 4}, "data": {"shards": "unused", "seq_len": 256},
+                    "parallel": {"zero_stage": 1}, "train": {"global_batch": 8, "micro_batch": 4, "precision": "bf16"}})
+    run = build_run(cfg, DistEnv.from_environ(), upto="engine",
+                    vocab=VocabFacts(num_tokens=512, pad_id=0, tokenizer_vocab=512, num_sentinels=0))
+    ids = torch.randint(1, 512, (8, 257), generator=torch.Generator().manual_seed(0))
+    doc_ids = torch.zeros(8, 256, dtype=torch.long)
+    doc_ids[:, 100:] = 1
+    batch = Batch.of("packed", ids[:, :-1], ids[:, 1:], doc_ids=doc_ids, positions=torch.zeros_like(doc_ids))
+    train_step(run.engine, batch, groups=run.groups, micro_batch=4, step=0)  # warm-up: allocations, kernels
+    sites: collections.Counter = collections.Counter()
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        ours = [f for f in frames if "/xft_dist/" in f.filename] or [f for f in frames if "site-packages" in f.filename]
+        where = ours[-1] if ours else frames[-1]
+        sites[f"{where.filename.split('site-packages/')[-1].split('/work/')[-1]}:{where.lineno} {where.name}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        for i in range(steps):
+            train_step(run.engine, batch, groups=run.groups, micro_batch=4, step=i + 1)
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"host syncs in {steps} steps (per step: {sum(sites.values()) / steps:.1f}):")
+    for where, n in sites.most_common():
+        print(f"  {n / steps:5.1f} per step  {where}")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--sync-report"]:
+        return sync_report()
     gpus, problem = cuda_devices()
     if not gpus:
         print(f"gpu-smoke: {problem}", file=sys.stderr)
@@ -68,6 +119,8 @@ def main() -> int:
         "train.micro_batch=16", f"parallel.tp={tp}", "run.name=gpu-smoke", "checkpoint.resume=false",
         "checkpoint.every=1000", "logging.every=5", "logging.wandb=disabled", "schedule.warmup_steps=5"])
     results["bench GPT-2 small bf16"] = step("bench", [str(BIN / "python"), "tools/bench.py", *BENCH])
+    results["host syncs of a bf16 step"] = step("host syncs", [str(BIN / "python"), "tools/gpu_smoke.py",
+                                                               "--sync-report"])
     print("\n== gpu-smoke summary")
     for name, ok in results.items():
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
