@@ -69,6 +69,11 @@ class ParallelSection(Section):
     stall_timeout_s: float = Field(
         1800, ge=0, description="a rank without progress this long dumps its stacks, status.json says stalled, "
                                 "every rank exits (status 4); 0 disables")
+    heartbeat_s: float = Field(
+        5, ge=0, description="every rank beats on the rendezvous store this often; a peer silent for "
+                             "parallel.heartbeat_lost_s ends the run with exit status 3 (on GPUs before NCCL's "
+                             "watchdog would abort it); 0 disables")
+    heartbeat_lost_s: float = Field(60, gt=0, description="a peer without a heartbeat this long is lost")
     overlap_comm: bool | None = Field(
         None, description="ZeRO 1-3: overlap gradient reduction with the backward; default on, except with "
                           "train.nonfinite=skip")
@@ -272,6 +277,10 @@ class Config(Section):
         if self.train.spike.action == "skip" and self.parallel.zero_stage == 0:
             raise ValueError("train.spike.action='skip' discards updates through the ZeRO optimizer's overflow check: "
                              "use parallel.zero_stage 1-3 (or action 'log' / 'rollback')")
+        p = self.parallel
+        if p.heartbeat_s and p.heartbeat_lost_s <= 2 * p.heartbeat_s:
+            raise ValueError(f"parallel.heartbeat_lost_s={p.heartbeat_lost_s:g} must exceed two heartbeats "
+                             f"(parallel.heartbeat_s={p.heartbeat_s:g})")
         reduce_dtype, precision = self.parallel.grad_reduce_dtype, self.train.precision
         if reduce_dtype is not None and precision != "bf16":
             raise ValueError(f"parallel.grad_reduce_dtype={reduce_dtype} applies to train.precision=bf16 only "

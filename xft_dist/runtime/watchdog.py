@@ -51,6 +51,10 @@ class Watchdog:
         self._last, self._where = time.monotonic(), where
         faulthandler.dump_traceback_later(self.timeout_s + BACKSTOP_S, repeat=False, file=_stderr(), exit=True)
 
+    def idle(self) -> float:
+        """Seconds since the last beat."""
+        return time.monotonic() - self._last
+
     def stop(self) -> None:
         self._stop.set()
         faulthandler.cancel_dump_traceback_later()

@@ -26,6 +26,7 @@ from ..obs import StepMeter
 from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_values, rng_state_to_tensors
 from ..runtime import DistEnv, LaunchError, Watchdog, write_status
 from ..runtime.faults import explain, is_comm_error
+from ..runtime.heartbeat import Heartbeat
 from .cadence import Cadence
 from .guard import SpikeGuard
 from .setup import Run, build_run, layout, restore_checkpoint
@@ -138,6 +139,26 @@ def _watchdog(r: Run):
     return Watchdog(timeout, rank=r.groups.rank, on_stall=stalled).start()
 
 
+def _heartbeat(r: Run):
+    """This rank's heartbeat on the rendezvous store (``parallel.heartbeat_s``; None when 0 or alone):
+    a lost peer ends the run with exit status 3 before NCCL's own watchdog would abort it."""
+    p = r.cfg.parallel
+    if not p.heartbeat_s or r.world is None or r.groups.world_size == 1:
+        return None
+    dog = r.watchdog
+
+    def lost(msg: str) -> None:
+        log.error("%s", msg)
+        latest = r.ckpt.latest()
+        write_status(r.run_dir, state="lost_peer", step=r.step, steps=r.cfg.train.steps,
+                     checkpoint=str(latest) if latest else None, rank=r.groups.rank, reason=msg)
+
+    env = r.env
+    return Heartbeat(rank=r.groups.rank, world_size=r.groups.world_size, host=env.master_addr, port=env.master_port,
+                     table=r.world.table, every_s=p.heartbeat_s, lost_after_s=p.heartbeat_lost_s,
+                     idle_s=dog.idle if dog is not None else None, on_lost=lost).start()
+
+
 def _beat(dog, where: str) -> None:
     if dog is not None:
         dog.beat(where)
@@ -178,6 +199,7 @@ def train(r: Run, *, stop=None) -> dict:
     """Steps from ``r.step`` to ``train.steps`` (or a stop); returns the run's summary."""
     cfg, step = r.cfg, r.step
     dog = r.watchdog = _watchdog(r)
+    r.heartbeat = _heartbeat(r)
     guard = r.guard = SpikeGuard.from_config(cfg.train.spike)
     guard.load_state_dict(r.spike_state)
     when = Cadence.from_config(cfg, validation=r.valid_batches is not None)
@@ -306,6 +328,8 @@ def finish(r: Run, summary: dict) -> None:
     cfg, step, reason = r.cfg, summary["step"], summary["stopped"]
     dog = getattr(r, "watchdog", None)
     _beat(dog, "finish")
+    if r.heartbeat is not None:  # before the world ends: rank 0's store goes with it
+        r.heartbeat.stop()
     r.sinks.finish()
     if r.rank0:
         write_status(r.run_dir, state="stopped" if reason and step < cfg.train.steps else "finished",

@@ -97,6 +97,7 @@ class Run:
     valid_batches: list | None = None               # data.valid: the fixed validation batches (host)
     byte_tokenizer: bool = False
     watchdog: object | None = None                  # parallel.stall_timeout_s: this rank's Watchdog
+    heartbeat: object | None = None                 # parallel.heartbeat_s: this rank's Heartbeat (lost peers)
     guard: object | None = None                     # train.spike: the SpikeGuard
     spike_state: dict | None = None                 # its state in the checkpoint resumed from
     skipped_batches: int = 0                        # global batches skipped (rollbacks, train.skip_data)
