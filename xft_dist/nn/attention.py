@@ -7,7 +7,9 @@ d head dim.
 Backends: ``"sdpa"`` is ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-
 efficient / cuDNN on GPU, the CPU flash kernel here) with a dense mask where one is needed;
 ``"flash_varlen"`` insists on a varlen kernel for packed documents; ``"auto"`` takes the varlen
-path whenever self-attention runs on packed documents without a key-padding mask.
+path whenever self-attention runs on packed documents without a key-padding mask (under
+``torch.compile`` only where a varlen kernel runs: the CPU twin's per-document loop reads host
+offsets, so compiled CPU code takes the dense document mask instead).
 
 The varlen path never builds an ``n x n`` mask: the documents of the flattened batch are described
 once per batch by a ``DocLayout`` (cumulative lengths, ``cu_seqlens``) that every layer shares. On
@@ -44,6 +46,11 @@ _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 @functools.cache
 def _parameter_names(fn) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
+
+
+def _fast_varlen(q: torch.Tensor) -> bool:
+    """A varlen kernel takes these queries (CUDA, fp16 / bf16): ``cu_seqlens`` on the device, no host loop."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def varlen_attn_args(names: frozenset[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
@@ -209,6 +216,8 @@ class Attention(nn.Module):
         key_mask = context_mask if cross else mask
         dropout_p = self.dropout if self.training else 0.0
         varlen = not cross and key_mask is None and (doc_layout is not None or doc_ids is not None)
+        if varlen and doc_ids is not None and torch.compiler.is_compiling() and not _fast_varlen(q):
+            varlen = False  # compiled, without a varlen kernel: the per-document loop would not trace
         if varlen and self.backend != "sdpa":
             layout = doc_layout or DocLayout.from_doc_ids(doc_ids)
             core = functools.partial(self._varlen_core, layout=layout, causal=causal, dropout_p=dropout_p)
@@ -277,7 +286,7 @@ class Attention(nn.Module):
         flat = lambda t: rearrange(t, "b h n d -> (b n) h d")  # noqa: E731
         q, k, v = flat(q), flat(k), flat(v)
         cu, n = layout.cu_seqlens, layout.max_len
-        fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        fast = _fast_varlen(q)
         if fast and _HAS_FLASH_ATTN:
             from flash_attn import flash_attn_varlen_func  # CUDA-only; imported when used
 

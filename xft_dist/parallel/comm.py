@@ -461,7 +461,9 @@ def tp_region_input(x: torch.Tensor, group: ProcessGroup | None, sequence_parall
     Under ``torch.autocast`` the layers save their own cast copies instead, which stay as they are
     (the trainer runs bf16 as DeepSpeed does, with bf16 weights and activations: no autocast)."""
     full = enter_tp(x, group, sequence_parallel)
-    if not sequence_parallel or group_size(group) == 1 or _outer_saved_tensor_hooks():
+    # Under torch.compile the compiler decides what the backward keeps (saved-tensor hooks do not trace).
+    if (not sequence_parallel or group_size(group) == 1 or torch.compiler.is_compiling()
+            or _outer_saved_tensor_hooks()):
         yield full
         return
     keep = _Regather(full, x, group, SEQ_DIM)

@@ -25,6 +25,7 @@ import torch
 from ..ckpt import CheckpointManager
 from ..config import Config, ConfigError, batch_split, check_precision, dump_config
 from ..data import DataError, LoaderConfig, Manifest, Mixture, Source, StreamingLoader, num_sentinels
+from ..models.compile import compile_blocks
 from ..models.factory import build_model
 from ..obs import MetricSinks
 from ..parallel import ParallelGroups, RNGStreams, barrier, restore_rng_state, rng_state_from_tensors, seed_all
@@ -148,6 +149,8 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
               world=world)
     if upto == "model":
         return run
+    if cfg.train.compile:
+        compile_blocks(model)
     from .engine import initialize
 
     resume = _pick_resume(cfg, groups, plan, **facts) if upto == "train" else None
