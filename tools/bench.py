@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=20, help="converge mode: linear warmup, then cosine")
     p.add_argument("--init", default=None, help="converge mode: xft_dist init scheme (default: the schema's)")
     p.add_argument("--tie", action="store_true", help="converge mode: tie embedding and head on both sides")
+    p.add_argument("--compile", action="store_true",
+                   help="model mode: also xft with every block through torch.compile (train.compile), and "
+                        "the kernels per layer (forward + backward) of each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", help=argparse.SUPPRESS)  # internal: run one implementation, print JSON
     p.add_argument("--batches", help=argparse.SUPPRESS)  # internal: converge mode's batch file
@@ -73,7 +76,7 @@ def parse_args(argv=None):
 
 def build(impl: str, a):
 
-    if impl == "xft":
+    if impl in ("xft", "xft-compiled"):
         extra = {"tie_embedding": a.tie}
         if a.init:
             extra["init"] = a.init
@@ -112,6 +115,11 @@ def run_one(impl: str, a) -> dict:
     torch.manual_seed(a.seed)
     net, model = build(impl, a)
     model.to(device)
+    kernels = layer_kernels(impl, a, device) if a.compile else None
+    if impl == "xft-compiled":
+        from xft_dist.models.compile import compile_blocks
+
+        compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = torch.bfloat16 if a.dtype == "bf16" else None
     seq = torch.randint(1, a.vocab, (a.batch, a.seq + 1), device=device)
@@ -151,8 +159,55 @@ def run_one(impl: str, a) -> dict:
         "impl": impl, "device": device, "hardware": hw, "step_ms": step_s * 1e3,
         "tokens_per_s": a.batch * a.seq / step_s, "peak_mib": peak_mib,
         "params": sum(p.numel() for p in net.parameters()),
-        "flops_per_token": model_flops_per_token(flops_model, a.seq),
+        "flops_per_token": model_flops_per_token(flops_model, a.seq), "kernels_per_layer": kernels,
     }
+
+
+def _step_ops(model, seq) -> int:
+    """aten ops dispatched by one forward + loss + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(seq).backward()
+    return Count.n
+
+
+def layer_kernels(impl: str, a, device: str) -> float:
+    """Kernels one layer runs per training step (forward + backward). Eager: the aten ops of a step
+    at ``depth + 1`` minus those at ``depth``. Compiled: the kernels inductor generates for a block's
+    forward and backward graphs (every block runs the same ones), matmuls (extern calls) not counted."""
+    import copy
+
+    import torch
+
+    seq = torch.randint(1, a.vocab, (a.batch, a.seq + 1), device=device)
+    if impl != "xft-compiled":
+        counts = []
+        for depth in (a.depth + 1, a.depth):
+            b = copy.copy(a)
+            b.depth = depth
+            torch.manual_seed(a.seed)
+            counts.append(_step_ops(build(impl, b)[1].to(device), seq))
+        return float(counts[0] - counts[1])
+    import torch._inductor.metrics as metrics
+
+    from xft_dist.models.compile import compile_blocks
+
+    b = copy.copy(a)
+    b.depth = 1
+    torch.manual_seed(a.seed)
+    model = build("xft", b)[1].to(device)
+    compile_blocks(model)
+    metrics.reset()
+    model(seq).backward()
+    return float(metrics.generated_kernel_count)
 
 
 def peak_flops(hardware: str, a) -> float:
@@ -361,14 +416,14 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(a.impl, a)))
         return 0
     rows = []
-    for impl in IMPLS:
+    for impl in (IMPLS[0], "xft-compiled", IMPLS[1]) if a.compile else IMPLS:
         cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--impl", impl]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{impl} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
             return 1
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    xft, ref = rows
+    xft, ref = rows[0], rows[-1]
     print(f"# {date.today()}  {xft['hardware']}  dtype={a.dtype}  shape: dim={a.dim} depth={a.depth} "
           f"heads={a.heads}x{a.dim_head} ff_mult={a.ff_mult} vocab={a.vocab} seq={a.seq} batch={a.batch}")
     print(f"# {len(sys.argv) and ' '.join(['python tools/bench.py', *(argv if argv is not None else sys.argv[1:])])}")
@@ -382,6 +437,13 @@ def main(argv=None) -> int:
         print(line)
     print(f"{'xft / x-t':16}{xft['tokens_per_s'] / ref['tokens_per_s']:>12.2f}{xft['step_ms'] / ref['step_ms']:>10.2f}"
           f"{xft['peak_mib'] / ref['peak_mib']:>10.2f}")
+    if a.compile:
+        comp = rows[1]
+        print(f"{'compiled / eager':16}{comp['tokens_per_s'] / xft['tokens_per_s']:>12.2f}"
+              f"{comp['step_ms'] / xft['step_ms']:>10.2f}{comp['peak_mib'] / xft['peak_mib']:>10.2f}")
+        print("# kernels per layer, forward + backward: " + ", ".join(
+            f"{r['impl']} {r['kernels_per_layer']:.0f}" for r in rows)
+              + " (eager: aten ops; compiled: generated kernels, matmuls not counted)")
     print(f"# FLOPs/token (training, PaLM convention): {xft['flops_per_token']:.3e}")
     return 0
 

@@ -87,3 +87,19 @@ def test_bench_memory_mode_prints_activation_memory_ratios():
     assert float(rows["TP=1 full"][2]) < 0.5, out.stdout
     assert float(rows["TP=2 full + sequence parallel"][2]) < 1.0, out.stdout
     assert float(rows["TP=1 padding mask selective"][2]) < 1.0, out.stdout
+
+
+@pytest.mark.slow  # inductor compiles C++: tens of seconds
+def test_bench_compile_prints_compiled_vs_eager_and_kernels_per_layer():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench.py"), "--dim", "32", "--depth", "1", "--heads", "2",
+         "--dim-head", "16", "--vocab", "128", "--seq", "16", "--batch", "2", "--steps", "2",
+         "--warmup", "1", "--threads", "1", "--compile"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratio = next(line for line in out.stdout.splitlines() if line.startswith("compiled / eager")).split()
+    assert float(ratio[3]) > 0, out.stdout
+    kernels = next(line for line in out.stdout.splitlines() if line.startswith("# kernels per layer"))
+    counts = [int(w) for w in kernels.replace(",", " ").split() if w.isdigit()]
+    assert len(counts) == 3 and all(c > 0 for c in counts), kernels
