@@ -70,3 +70,28 @@ def stdlib_shards(out, *packages: str, shard_tokens: int = 20000):
                           "--workers", "1", "--quiet"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return out
+
+
+def kill_groups(procs) -> None:
+    """SIGKILL the process group of every process still running (each started with start_new_session)."""
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def wait_for_training(procs, metrics, *, rows: int = 3, limit_s: float = 240) -> None:
+    """Until ``metrics`` (a run's metrics.jsonl) has ``rows`` rows; a process that ends first, or the
+    limit, fails the test with the processes' output."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + limit_s
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            outs = [p.communicate(timeout=30)[0] if p.poll() is not None else "(running)" for p in procs]
+            kill_groups(procs)
+            pytest.fail("the run did not start training:\n" + "\n---\n".join((o or "")[-3000:] for o in outs))
+        time.sleep(0.3)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from .. import netns
-from ..helpers import REPO, cpu_rank_env, free_port, stdlib_shards
+from ..helpers import REPO, cpu_rank_env, free_port, kill_groups, stdlib_shards, wait_for_training
 
 REASON = netns.available()
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(600),
@@ -44,21 +44,9 @@ def _start(config, hosts, name):
                 f"run.name={name}"]
         procs.append(subprocess.Popen(netns.on_host(host, argv), env=env, cwd=REPO, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
-    metrics = config / "runs" / name / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            outs = [p.communicate(timeout=30)[0] if p.poll() is not None else "(running)" for p in procs]
-            _kill(procs)
-            pytest.fail("the two-host run did not start training:\n" + "\n---\n".join(o[-3000:] for o in outs))
-        time.sleep(0.3)
+    wait_for_training(procs, config / "runs" / name / "metrics.jsonl")
     return procs
 
-
-def _kill(procs):
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def _wait_all(procs, limit):
@@ -67,7 +55,7 @@ def _wait_all(procs, limit):
         for p in procs:
             outs.append(p.communicate(timeout=max(1, limit - (time.monotonic() - t0)))[0])
     except subprocess.TimeoutExpired:
-        _kill(procs)
+        kill_groups(procs)
         pytest.fail(f"a rank was still running {limit}s after the fault: it hung")
     return time.monotonic() - t0, outs
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from ..helpers import REPO, cpu_rank_env, free_port, stdlib_shards
+from ..helpers import REPO, cpu_rank_env, free_port, kill_groups, stdlib_shards, wait_for_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 LOST_S = 6
@@ -43,19 +43,9 @@ def _start(config, name):
                 f"run.name={name}"]
         procs.append(subprocess.Popen(argv, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True))
-    metrics, deadline = config / "runs" / name / "metrics.jsonl", time.monotonic() + 180
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            _kill(procs)
-            pytest.fail("the run did not start training:\n" + "\n---\n".join(p.communicate()[0][-3000:] for p in procs))
-        time.sleep(0.3)
+    wait_for_training(procs, config / "runs" / name / "metrics.jsonl", limit_s=180)
     return procs
 
-
-def _kill(procs):
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("frozen", [1, 0])
@@ -68,10 +58,10 @@ def test_a_frozen_peer_ends_the_survivor_with_status_3_naming_it(config, frozen)
     try:
         out = survivor.communicate(timeout=LOST_S + 60)[0]
     except subprocess.TimeoutExpired:
-        _kill(procs)
+        kill_groups(procs)
         pytest.fail(f"rank {1 - frozen} was still running {LOST_S + 60} s after rank {frozen} froze")
     finally:
-        _kill(procs)
+        kill_groups(procs)
     elapsed = time.monotonic() - t0
     assert survivor.returncode == 3, out[-3000:]
     assert "lost contact with host" in out and f"ranks [{frozen}]" in out and "no heartbeat" in out, out[-3000:]
