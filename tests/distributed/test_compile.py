@@ -1,8 +1,9 @@
 """``train.compile``: every block through ``torch.compile`` (CPU inductor), ten training steps of
 the real trainer (DeepSpeed engine, packed loader batches with document layouts) give the eager
 run's losses within 1e-5, with no graph break, at TP=2 (with sequence parallelism and full
-activation checkpointing, ZeRO-1) and at TP=1 x DP=2 (selective recomputation, ZeRO-2). ZeRO-3
-and dropout are refused with the reason (tests/unit/test_bad_input.py)."""
+activation checkpointing, ZeRO-1) and at TP=1 x DP=2 (selective recomputation, ZeRO-2). Under
+ZeRO-3 (TP=1 x DP=2) the losses are the same and the only graph breaks are at DeepSpeed's
+parameter hooks. Dropout is refused with the reason (tests/unit/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from .harness import CheckSet
 pytestmark = pytest.mark.slow  # inductor compiles C++ on the CPU: a minute or two
 COMPILE = CheckSet(world_size=2, timeout_s=900)
 STEPS = 10
+# ZeRO-3's parameter hooks (torch.compiler.disable'd, under DeepSpeed's nvtx wrapper) and the frames
+# dynamo resumes after them, which start inside one of our modules
+DEEPSPEED_BREAKS = ("_pre_forward_module_hook", "_post_forward_module_hook", "instrument_w_nvtx",
+                    "sourceless builder")
 
 
 def _losses(tp: int, zero: int, compiled: bool, ckpt=1, **parallel) -> list[float]:
@@ -40,7 +45,10 @@ def _losses(tp: int, zero: int, compiled: bool, ckpt=1, **parallel) -> list[floa
     breaks = dict(dynamo.utils.counters["graph_break"])
     frames = sum(dynamo.utils.counters["stats"].get(k, 0) for k in ("unique_graphs",))
     run.engine.destroy()
-    if compiled:
+    if compiled and zero == 3:  # DeepSpeed's parameter hooks break each block's graph, and nothing else does
+        ours = [r for r in breaks if not any(k in r for k in DEEPSPEED_BREAKS)]
+        assert breaks and not ours, f"graph breaks not from DeepSpeed's ZeRO-3 hooks: {ours}"
+    elif compiled:
         assert not breaks, f"graph breaks: {breaks}"
         assert frames >= 1, dict(dynamo.utils.counters["stats"])  # something was compiled
     return out
@@ -60,6 +68,11 @@ def tp2_sequence_parallel_zero1():
 @COMPILE.check
 def dp2_zero2_selective_recompute():
     _same(1, 2, ckpt="selective")
+
+
+@COMPILE.check
+def dp2_zero3():
+    _same(1, 3)
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,6 @@ VALIDATION = {
     "mode vs kind": (["data.mode=span"], {}, "set model.kind=encoder_decoder"),
     "grad reduce dtype in fp32": (["parallel.grad_reduce_dtype=bf16"], {},
                                   "parallel.grad_reduce_dtype=bf16 applies to train.precision=bf16 only"),
-    "compile with ZeRO-3": (["train.compile=true", "parallel.zero_stage=3"], {},
-                            "train.compile=true with parallel.zero_stage=3"),
     "compile with dropout": (["train.compile=true", "model.ff_dropout=0.1"], {},
                              "train.compile=true with model.ff_dropout=0.1"),
     "fp32 reduction without ZeRO": (["train.precision=bf16", "parallel.zero_stage=0",

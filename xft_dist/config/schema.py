@@ -282,10 +282,6 @@ class Config(Section):
         if p.heartbeat_s and p.heartbeat_lost_s <= 2 * p.heartbeat_s:
             raise ValueError(f"parallel.heartbeat_lost_s={p.heartbeat_lost_s:g} must exceed two heartbeats "
                              f"(parallel.heartbeat_s={p.heartbeat_s:g})")
-        if self.train.compile and p.zero_stage == 3:
-            raise ValueError("train.compile=true with parallel.zero_stage=3: DeepSpeed 0.19.8 gathers ZeRO-3 "
-                             "parameters in module hooks that torch.compile cannot trace (a graph break in every "
-                             "layer); use zero_stage 1-2 or leave train.compile off")
         dropout = [k for k in ("attn_dropout", "ff_dropout") if getattr(m, k)]
         if self.train.compile and dropout:
             raise ValueError(f"train.compile=true with model.{dropout[0]}={getattr(m, dropout[0])}: dropout draws "

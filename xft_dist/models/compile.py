@@ -7,6 +7,10 @@ traced, its TP and sequence-parallel collectives included (torch's compiler rewr
 autograd pairs). Each block is compiled in place (``nn.Module.compile``), so parameter and
 state-dict names do not change, and the blocks of a stack share one compiled graph.
 
+Under ZeRO-3, DeepSpeed gathers each parameter in a forward hook of its module, wrapped in
+``torch.compiler.disable``: the blocks still compile, in pieces between those hooks (graph breaks
+that are DeepSpeed's), and compute what eager computes.
+
 Under compilation: attention over packed documents uses the varlen kernel where one runs (CUDA,
 fp16 / bf16) and the dense document mask elsewhere (the CPU twin's per-document loop reads host
 offsets); sequence parallelism's re-gather of the regions' inputs is left to the compiler (saved-

@@ -151,6 +151,10 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
         return run
     if cfg.train.compile:
         compile_blocks(model)
+        if cfg.parallel.zero_stage == 3 and groups.rank == 0:
+            log.warning("train.compile with ZeRO-3: DeepSpeed gathers each parameter in a module hook that "
+                        "torch.compile does not trace, so every block compiles in pieces between them "
+                        "(use ZeRO 1-2 for whole-block graphs)")
     from .engine import initialize
 
     resume = _pick_resume(cfg, groups, plan, **facts) if upto == "train" else None
