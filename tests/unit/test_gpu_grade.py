@@ -156,3 +156,13 @@ def test_grouped_query_attention_reads_kv_heads_without_repeating_them(masked):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)
     ref = attn.to_out(ref.transpose(1, 2).reshape(2, 12, 64))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_loss_chunk_rule():
+    from xft_dist.nn.fused_loss import default_chunk
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert default_chunk(16384, 50304, gpu) == (1 << 27) // 50304 == 2668  # the 128 M-logit budget
+    assert default_chunk(1000, 50304, gpu) == 1000                           # all tokens in one chunk
+    assert default_chunk(16384, 50304, cpu) == 1024                          # 1/16 of the tokens on a CPU
+    assert default_chunk(10, 8192, cpu) == 1 and default_chunk(1, 1 << 28, gpu) == 1

@@ -26,10 +26,21 @@ from ..parallel import ledger
 from ..parallel.comm import all_reduce_, group_size
 from .loss import _ce_forward, _ce_grad_, check_loss_args, check_targets
 
-# Default chunk: about 128 M logits per rank (0.5 GiB in fp32), and at most 1/16 of the tokens. Measured
-# on an H100 (docs/perf.md): 333-token chunks of a 50k vocab ran the loss at 0.56x the unfused speed,
-# 2048-token chunks at 0.89x, for 0.1 of its extra memory.
+# Default chunk: at most 128 M logits per rank (0.5 GiB in fp32). On GPUs that is the whole rule: the
+# head's GEMMs want many tokens (M) per chunk. Measured on an H100, 32k tokens, vocab 50304, bf16
+# (docs/perf.md): 333-token chunks 76.7 ms, 1024 53.6, 2048 48.5, 4096 45.6, 8192 44.5; unfused 43.2
+# ms for 13x the memory; the budget gives 2668-token chunks there. On CPUs the chunk is also at most
+# 1/16 of the tokens (a CPU GEMM is as fast in smaller pieces, and the memory stays small next to
+# the whole).
 _CHUNK_ELEMENTS = 1 << 27
+
+
+def default_chunk(n: int, vocab_shard: int, device: torch.device) -> int:
+    """Tokens per chunk when none is given (see ``_CHUNK_ELEMENTS``)."""
+    budget = max(1, _CHUNK_ELEMENTS // vocab_shard)
+    if device.type == "cuda":
+        return min(max(n, 1), budget)
+    return max(1, min(budget, -(-n // 16)))
 
 
 def _chunks(n: int, size: int):
@@ -125,7 +136,8 @@ def fused_head_cross_entropy(
     on ``hidden [..., d]`` against ``target [...]``; shaped like ``target``, 0 where ignored.
 
     Same options as ``vocab_parallel_cross_entropy``; ``chunk_tokens`` bounds the tokens per chunk
-    (default: at most about 128 M logits and 1/16 of the tokens per chunk on this rank).
+    (default ``default_chunk``: at most about 128 M logits on this rank, and on CPUs at most 1/16 of
+    the tokens).
     ``check_ids=False`` skips the id check (a host sync). ``uniform_grad=True`` promises that the
     losses are summed or averaged with one weight for every counted token, so the backward need not
     check it (another host sync).
@@ -147,8 +159,7 @@ def fused_head_cross_entropy(
     if check_ids:  # a host sync; the trainer turns it off (its loader checks ids on read)
         check_targets(target, vocab_size=vocab_size, ignore_index=ignore_index)
     n = target.numel()
-    # at most ~128 M logits, and at most 1/16 of the tokens, so the chunk stays small next to the whole
-    chunk = chunk_tokens or max(1, min(_CHUNK_ELEMENTS // weight.shape[0], -(-n // 16)))
+    chunk = chunk_tokens or default_chunk(n, weight.shape[0], hidden.device)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # F.linear's dtype under autocast
         mm_dtype = torch.get_autocast_dtype(device_type)
