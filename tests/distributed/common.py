@@ -112,3 +112,13 @@ def encdec_pair(groups, seed: int = 1, vocab: int = 61, **extra):
     ref = EncoderDecoder(**kw)
     torch.manual_seed(seed)
     return ref, EncoderDecoder(groups=groups, **kw, **extra)
+
+
+def dense_backend(model: nn.Module) -> nn.Module:
+    """Every attention of ``model`` on the dense-mask SDPA path (the reference for the varlen one)."""
+    from xft_dist.nn import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = "sdpa"
+    return model

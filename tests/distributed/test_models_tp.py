@@ -11,7 +11,7 @@ import torch.distributed as dist
 from xft_dist import AutoregressiveWrapper, Decoder, EncoderDecoder, TransformerWrapper
 from xft_dist.parallel import ParallelGroups, capture_rng_state, restore_rng_state, seed_all
 
-from .common import assert_close, assert_same_step, compare_grads, encdec_pair, tp_shard
+from .common import assert_close, assert_same_step, compare_grads, dense_backend, encdec_pair, tp_shard
 from .harness import CheckSet
 
 TP2 = CheckSet(world_size=2)
@@ -99,6 +99,8 @@ def varlen_tp2_matches_dense_mask_tp1():
     for groups, mask in ((None, torch.ones_like(seq, dtype=torch.bool)), (g, None)):  # dense at TP1, varlen at TP2
         torch.manual_seed(5)
         model = _decoder_lm(groups, activation_checkpointing=1).double()
+        if mask is not None:  # the dense reference: a mask and the sdpa backend
+            dense_backend(model)
         logits = model(seq, doc_ids=doc_ids, mask=mask, gather_logits=True)
         (logits.square().mean() + logits[..., 7].sum()).backward()
         results.append((model, logits))

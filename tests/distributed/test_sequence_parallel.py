@@ -15,7 +15,7 @@ import torch
 from xft_dist import AutoregressiveWrapper, Decoder, TransformerWrapper
 from xft_dist.parallel import CollectiveLedger, ParallelGroups, capture_rng_state, restore_rng_state, seed_all
 
-from .common import assert_close, assert_same_step, compare_grads, encdec_pair, tp_shard
+from .common import assert_close, assert_same_step, compare_grads, dense_backend, encdec_pair, tp_shard
 from .harness import CheckSet
 
 TP2 = CheckSet(world_size=2)
@@ -74,6 +74,7 @@ def packed_documents_varlen_sequence_parallel():
     seq = torch.randint(1, VOCAB, doc_ids.shape, generator=torch.Generator().manual_seed(4))
     ref, sp = _lm_pair(g, 5)
     ref, sp = ref.double(), sp.double()
+    dense_backend(ref)
     out = []
     for model, mask in ((ref, torch.ones_like(seq, dtype=torch.bool)), (sp, None)):  # dense TP1, varlen SP
         logits = model(seq, doc_ids=doc_ids, mask=mask, gather_logits=True)

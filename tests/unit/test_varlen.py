@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import xft_dist.nn.attention as attention
 from xft_dist import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper
 from xft_dist.data.batch import Batch, DocLayout
+from xft_dist.nn import Attention
 
 VOCAB = 50
 
@@ -31,11 +32,18 @@ def _net(layers_cls=Decoder, **kw):
     return TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=layers)
 
 
+def set_backend(net, backend: str) -> None:
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+
+
 def _both(net, seq, doc_ids):
     """(varlen logits and grads, dense-mask logits and grads) of the same net and inputs."""
     out = []
-    for mask in (None, torch.ones_like(seq, dtype=torch.bool)):  # a mask forces the dense path
+    for mask in (None, torch.ones_like(seq, dtype=torch.bool)):  # a mask and the sdpa backend: the dense path
         net.zero_grad(set_to_none=True)
+        set_backend(net, "auto" if mask is None else "sdpa")
         logits = net(seq, doc_ids=doc_ids, mask=mask)
         (logits.square().mean() + logits[:, :, 3].sum()).backward()
         out.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
@@ -110,3 +118,38 @@ def test_varlen_kernel_arguments_for_either_torch_signature(names, causal):
     out = F.scaled_dot_product_attention(as_heads(q), as_heads(k2), as_heads(v2), is_causal=causal,
                                          enable_gqa=kwargs.get("enable_gqa", False))
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("layers_cls", [Decoder, Encoder])
+def test_packed_rows_with_a_padding_mask_stay_on_the_varlen_path(layers_cls, monkeypatch):
+    """doc_ids and a key-padding mask together (x-transformers' call with packed rows): padding is
+    documents of its own, so no n x n mask is built, and every real position's logits and the
+    gradients of a loss over them equal the dense path's. A document that resumes after padding
+    falls back to the dense mask (exact everywhere)."""
+    net = _net(layers_cls).double()
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 7, [0] * 16])
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[0, 13:] = False  # right padding
+    mask[1, 7:9] = False  # padding at the end of a document, before the next
+    mask[2, :3] = False   # left padding
+    seq = torch.randint(1, VOCAB, doc_ids.shape, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for backend in ("sdpa", "auto"):
+        set_backend(net, backend)
+        net.zero_grad(set_to_none=True)
+        with monkeypatch.context() as m:
+            if backend == "auto":
+                m.setattr(attention, "attention_mask", lambda *a, **k: pytest.fail("a dense mask was built"))
+            logits = net(seq, doc_ids=doc_ids, mask=mask)
+        (logits[mask].square().mean() + logits[mask][:, 3].sum()).backward()
+        runs.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (ref, ref_grads), (out, grads) = runs
+    torch.testing.assert_close(out[mask], ref[mask], rtol=1e-9, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-12, msg=lambda msg: f"{name}: {msg}")
+    holes = mask.clone()
+    holes[2, 8] = False  # document 0 of row 2 resumes after padding: dense, exact at every position
+    set_backend(net, "sdpa")
+    dense = net(seq, doc_ids=doc_ids, mask=holes)
+    set_backend(net, "auto")
+    torch.testing.assert_close(net(seq, doc_ids=doc_ids, mask=holes), dense, rtol=1e-9, atol=1e-12)

@@ -194,6 +194,11 @@ class AttentionLayers(nn.Module):
             rotary = self.rotary(_rows(positions, x.shape[0])[:, start:])
             if context_pos is not None:
                 context_rotary = self.rotary(_rows(context_pos, x.shape[0]))
+        if (doc_ids is not None and mask is not None and doc_layout is None and not caching
+                and self.layers[0].attn.backend != "sdpa" and not torch.compiler.is_compiling()):
+            merged = padding_as_documents(doc_ids, mask)
+            if merged is not None:  # packed rows with padding stay on the varlen path
+                doc_ids, mask = merged, None
         if doc_layout is None and doc_ids is not None and mask is None:
             doc_layout = DocLayout.from_doc_ids(doc_ids)
         if caching:
@@ -254,6 +259,28 @@ def checkpoint_every(value: int | str | bool) -> int | str:
         return value
     raise ValueError(f"activation_checkpointing={value!r}: expected 0 (off), 1 or 'full' (every layer), "
                      "k (every k-th layer) or 'selective' (attention cores only)")
+
+
+def padding_as_documents(doc_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Document ids under which a key-padding ``mask`` is documents of its own: ``3 d + 1`` for the
+    real tokens of document ``d``, ``3 d`` for padding before them, ``3 d + 2`` after. Attention
+    within documents then sees, for every real query, exactly the keys the mask and ``doc_ids``
+    allowed, provided no document resumes after padding (right- or left-padded rows, padding between
+    documents); None where one does (the dense mask is exact there). Padded queries see only
+    padding: their outputs differ, and nothing learns from them. One host sync, next to the
+    layout's own."""
+    real = mask.bool()
+    count = real.long().cumsum(dim=1)  # real tokens up to here, in the row
+    starts = torch.ones_like(real)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    before_doc = torch.where(starts, count - real.long(), torch.zeros_like(count)).cummax(dim=1).values
+    # a real token right after padding of its own document, with real tokens of that document before
+    resumes = real[:, 1:] & ~real[:, :-1] & ~starts[:, 1:] & (count[:, :-1] - before_doc[:, 1:] > 0)
+    if bool(resumes.any()):
+        return None
+    seen = count - before_doc  # real tokens of this document up to here
+    part = torch.where(real, 1, torch.where(seen == 0, 0, 2))  # padding before, the tokens, padding after
+    return doc_ids * 3 + part
 
 
 def _rows(positions: torch.Tensor, b: int) -> torch.Tensor:
