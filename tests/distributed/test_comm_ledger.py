@@ -107,12 +107,13 @@ def an_extra_collective_is_named_with_its_layer():
     for layer in model.net.attn_layers.layers:  # the layout before the shared entry: a copy per projection
         for lin in (layer.attn.to_q, layer.attn.to_k, layer.attn.to_v):
             lin.forward = lambda t, tp_input=False, _l=lin: type(_l).forward(_l, t)
-    shared_entry = attention.tp_region_input
+    shared_entry, fused = attention.tp_region_input, attention.fused_column
     attention.tp_region_input = lambda x, group, sequence_parallel=False: contextlib.nullcontext(x)
+    attention.fused_column = lambda x, layers: [layer(x, tp_input=True) for layer in layers]  # a GEMM each
     try:
         led = _step_ledger(model, torch.randint(1, VOCAB, (B, N + 1)))
     finally:
-        attention.tp_region_input = shared_entry
+        attention.tp_region_input, attention.fused_column = shared_entry, fused
     diff = compare(ledger_table(led.records, min_bytes=MIN_BYTES), tp_minimum(model, batch=B, seq=N))
     assert diff == [f"net.attn_layers.layers.{i} backward: +2 all_reduce (ledger 4 / {4 * B * N * 32 * 4} B, "
                     f"minimum 2 / {2 * B * N * 32 * 4} B)" for i in range(2)], diff

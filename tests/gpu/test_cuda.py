@@ -217,3 +217,26 @@ def test_cached_generation_on_cuda(dtype):
                            model.generate(prompts, 20, temperature=0, cache_kv=False))
     a = model.generate(prompts, 20, top_p=0.9, seed=3)
     assert a.is_cuda and torch.equal(a, model.generate(prompts, 20, top_p=0.9, seed=3))
+
+
+def test_fused_projections_are_the_default_on_cuda():
+    """On CUDA q, k and v run as one GEMM, and so do a GLU's gate and up (CPUs keep separate GEMMs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from xft_dist.nn import Attention, FeedForward
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul"):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 16, 64, device="cuda")
+    for module, gemms in ((Attention(64, heads=4, dim_head=16, kv_heads=2, causal=True), 2),
+                          (FeedForward(64, glu=True, swish=True), 2)):
+        Count.n = 0
+        with Count():
+            module.cuda()(x)
+        assert Count.n == gemms, (type(module).__name__, Count.n)

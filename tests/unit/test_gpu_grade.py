@@ -166,3 +166,35 @@ def test_the_fused_loss_chunk_rule():
     assert default_chunk(1000, 50304, gpu) == 1000                           # all tokens in one chunk
     assert default_chunk(16384, 50304, cpu) == 1024                          # 1/16 of the tokens on a CPU
     assert default_chunk(10, 8192, cpu) == 1 and default_chunk(1, 1 << 28, gpu) == 1
+
+
+def _matmuls(fn) -> int:
+    with _CountMatmuls() as counter:
+        fn()
+    return counter.count
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_q_k_and_v_are_one_gemm_and_gate_and_up_another(kv_heads, monkeypatch):
+    """With the fusion on (CUDA's default; forced here): self-attention runs 2 GEMMs (q, k, v
+    together; the output), cross-attention 3 (q; k and v together; the output), a GLU feed-forward
+    2 (gate and up together; down); the parameters keep their names, and every output equals the
+    separate GEMMs' (the CPU default)."""
+    from xft_dist.nn import Attention, FeedForward, attention, mlp
+    from xft_dist.nn.linear import fused_column
+
+    torch.manual_seed(3)
+    attn = Attention(32, heads=4, dim_head=8, kv_heads=kv_heads, causal=True)
+    cross = Attention(32, heads=4, dim_head=8, kv_heads=kv_heads, dim_context=48)
+    ff = FeedForward(32, glu=True, swish=True)
+    x, ctx = torch.randn(2, 6, 32), torch.randn(2, 5, 48)
+    separate = [attn(x), cross(x, context=ctx), ff(x)]
+    assert [_matmuls(lambda: attn(x)), _matmuls(lambda: cross(x, context=ctx)), _matmuls(lambda: ff(x))] == [4, 4, 3]
+    always = lambda x, layers: fused_column(x, layers, fuse=True)  # noqa: E731
+    monkeypatch.setattr(attention, "fused_column", always)
+    monkeypatch.setattr(mlp, "fused_column", always)
+    assert [_matmuls(lambda: attn(x)), _matmuls(lambda: cross(x, context=ctx)), _matmuls(lambda: ff(x))] == [2, 3, 2]
+    for got, want in zip([attn(x), cross(x, context=ctx), ff(x)], separate):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert {"to_q.weight", "to_k.weight", "to_v.weight"} <= set(attn.state_dict())
+    assert {"gate.weight", "up.weight", "down.weight"} <= set(ff.state_dict())

@@ -35,7 +35,7 @@ from ..data.batch import DocLayout  # a torch-only leaf: the batch's document la
 from ..parallel import RNGStreams, copy_to_tp, group_size, tp_region_input
 from .checkpoint import checkpoint
 from .init import InitScheme
-from .linear import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, RowParallelLinear, fused_column
 from .mlp import fork, split_region_rng
 from .position import apply_rotary
 
@@ -200,14 +200,15 @@ class Attention(nn.Module):
                                 rotary=rotary, context_rotary=context_rotary, doc_ids=doc_ids)
         cross = context is not None
         with tp_region_input(x, self.group, self.sequence_parallel) as x:
-            q = rearrange(self.to_q(x, tp_input=True), "b n (h d) -> b h n d", h=self.heads)
-            if not cross:
-                k = rearrange(self.to_k(x, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
-                v = rearrange(self.to_v(x, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
+            if cross:
+                q = self.to_q(x, tp_input=True)
+            else:  # one GEMM for q, k and v
+                q, k, v = fused_column(x, [self.to_q, self.to_k, self.to_v])
         if cross:  # the context (another stack's output, never sequence-split) enters once for k and v
-            kv_in = copy_to_tp(context, self.group)
-            k = rearrange(self.to_k(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
-            v = rearrange(self.to_v(kv_in, tp_input=True), "b m (g d) -> b g m d", g=self.kv_heads)
+            k, v = fused_column(copy_to_tp(context, self.group), [self.to_k, self.to_v])
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(k, "b m (g d) -> b g m d", g=self.kv_heads)
+        v = rearrange(v, "b m (g d) -> b g m d", g=self.kv_heads)
         if rotary is not None and not cross:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         elif cross and rotary is not None and context_rotary is not None:

@@ -71,6 +71,32 @@ class ColumnParallelLinear(nn.Module):
                 f"gather_output={self.gather_output}")
 
 
+def fused_column(x: torch.Tensor, layers: list[ColumnParallelLinear], *, fuse: bool | None = None
+                 ) -> list[torch.Tensor]:
+    """``[layer(x, tp_input=True) for layer in layers]`` in one GEMM: the layers' weight shards (and
+    biases) concatenated along the output features for this call, the product split back. The
+    parameters stay the layers' own (checkpoints, conversion, export and resharding see the same
+    names and shapes), and autograd splits the gradient.
+
+    ``fuse`` (default: on CUDA) chooses the one GEMM. On CPUs separate GEMMs measured 5 % faster
+    (a decoder step of dim 256 with SwiGLU: 585 vs 617 ms): the weights' concatenation and the
+    strided slices cost more than a CPU GEMM gains from size. A parameter that ZeRO-3 partitions
+    (it carries ``ds_status``) is gathered only by its own layer's forward hook: then each layer
+    always runs its own GEMM."""
+    fuse = x.is_cuda if fuse is None else fuse
+    if (not fuse or len(layers) == 1 or any(hasattr(layer.weight, "ds_status") for layer in layers)
+            or any(layer.gather_output for layer in layers)):
+        return [layer(x, tp_input=True) for layer in layers]
+    weight = torch.cat([layer.weight for layer in layers])
+    biases = [layer.bias for layer in layers]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else layer.weight.new_zeros(layer.weight.shape[0])
+                          for b, layer in zip(biases, layers)])
+    y = F.linear(x, weight, bias)
+    return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+
+
 class RowParallelLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` split over input features; the output is full and replicated.
 

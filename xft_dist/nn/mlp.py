@@ -11,7 +11,7 @@ from torch.distributed import ProcessGroup
 
 from ..parallel import RNGStreams, group_size, tp_region_input
 from .init import InitScheme
-from .linear import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, RowParallelLinear, fused_column
 
 
 def split_region_rng(rng: RNGStreams | None, group: ProcessGroup | None, dropout: float, what: str):
@@ -30,7 +30,8 @@ class FeedForward(nn.Module):
     """``down(act(up(x)))``; with ``glu=True`` ``down(act(gate(x)) * up(x))`` (SwiGLU with ``swish``).
 
     Up and gate are separate column-parallel layers, so every TP rank holds matching halves of a GLU;
-    they share one entry into the TP region (one backward all-reduce of the input, not two).
+    they share one entry into the TP region (one backward all-reduce of the input, not two) and run
+    as one GEMM (``fused_column``).
     """
 
     def __init__(
@@ -68,8 +69,10 @@ class FeedForward(nn.Module):
         """``x [b, n, dim]``; built with ``sequence_parallel=True``, this rank's sequence chunk
         ``[b, n / tp, dim]`` in and out (all-gathered on entry, reduce-scattered on exit)."""
         with tp_region_input(x, self.group, self.sequence_parallel) as x:
-            gate = self.gate(x, tp_input=True) if self.gate is not None else None
-            up = self.up(x, tp_input=True)
+            if self.gate is not None:  # one GEMM for gate and up
+                gate, up = fused_column(x, [self.gate, self.up])
+            else:
+                gate, up = None, self.up(x, tp_input=True)
         h = self.act(gate) * up if gate is not None else self.act(up)
         if self.dropout > 0 and self.training:
             with fork(self.rng):  # hidden units are split over TP ranks: TP-distinct masks
