@@ -1,8 +1,8 @@
 """``train.compile``: every block through ``torch.compile`` (CPU inductor), ten training steps of
 the real trainer (DeepSpeed engine, packed loader batches with document layouts) give the eager
 run's losses within 1e-5, with no graph break, at TP=2 (with sequence parallelism and full
-activation checkpointing, ZeRO-1) and at TP=1 x DP=2 (selective recomputation, ZeRO-2). Under
-ZeRO-3 (TP=1 x DP=2) the losses are the same and the only graph breaks are at DeepSpeed's
+activation checkpointing, ZeRO-1; ZeRO-2 shares its code path). Under ZeRO-3 (TP=1 x DP=2,
+selective recomputation) the losses are the same and the only graph breaks are at DeepSpeed's
 parameter hooks. Dropout is refused with the reason (tests/unit/test_bad_input.py)."""
 
 from __future__ import annotations
@@ -66,13 +66,8 @@ def tp2_sequence_parallel_zero1():
 
 
 @COMPILE.check
-def dp2_zero2_selective_recompute():
-    _same(1, 2, ckpt="selective")
-
-
-@COMPILE.check
-def dp2_zero3():
-    _same(1, 3)
+def dp2_zero3_selective_recompute():
+    _same(1, 3, ckpt="selective")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ through the deepspeed launcher on CPU ranks: saved at TP2xDP2 under ZeRO 1, 2 an
 TP1xDP2, TP2xDP1 and TP1xDP4 (each under ZeRO 1/2; TP2xDP1 and TP1xDP4 under ZeRO-3), the next
 steps' losses equal the uninterrupted run's (fp32, 1e-5 relative), both model kinds; reshard=off,
 ZeRO 0 and a change into or out of ZeRO-3 are refused with exit status 2 and the layouts named. The
-vocabulary (259) is padded at TP=2, so the re-padding of vocab-parallel tensors is exercised."""
+vocabulary (259) is padded at TP=2, so the re-padding of vocab-parallel tensors is exercised. A
+bf16 ZeRO-1 run (DeepSpeed's BF16_Optimizer) saved at TP=1 exports its fp32 masters and resumes
+at TP=2."""
 
 from __future__ import annotations
 
@@ -130,24 +132,16 @@ def test_convert_tool_makes_the_universal_conversion_a_resume_then_uses(work, ba
     assert got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-5)
 
 
-def test_a_checkpoint_saved_at_tp1_resumes_at_tp2_exactly(work):
-    """Saved at TP=1 (where no parameter is split), resumed at TP=2: the checkpoint still says how
-    each parameter splits (row-parallel weights along dim 1, the vocabulary re-padded)."""
-    _train(work, "decoder.yaml", "tp1-base", 2, "parallel.tp=1")
-    _fork(work, "tp1-base", "tp1-to-tp2")
-    _train(work, "decoder.yaml", "tp1-to-tp2", 2, "parallel.tp=2")
-    want, got = _losses(work, "tp1-base"), _losses(work, "tp1-to-tp2")
-    assert got[:SAVED] == want[:SAVED] and got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-5)
-
-
-def test_bf16_zero1_checkpoints_export_their_fp32_masters_and_reshard(work, tmp_path):
+def test_bf16_zero1_saved_at_tp1_exports_its_fp32_masters_and_resumes_at_tp2(work, tmp_path):
     """bf16 at ZeRO-1 accumulates gradients in fp32 through DeepSpeed's BF16_Optimizer, whose
-    checkpoint files differ from ZeRO's: the export reads its fp32 master weights, and a resume at
-    another layout continues the run (bf16 arithmetic at another TP split: 1e-3)."""
+    checkpoint files differ from ZeRO's: the export reads its fp32 master weights. Saved at TP=1
+    (where no parameter is split), the checkpoint still says how each one splits, so it resumes at
+    TP=2 (row-parallel weights cut along dim 1, the vocabulary re-padded) and continues the run
+    (bf16 arithmetic at another TP split: 1e-3)."""
     import torch
 
     bf16 = ("train.precision=bf16", "parallel.zero_stage=1")
-    _train(work, "decoder.yaml", "bf16-base", 4, "parallel.tp=2", *bf16)
+    _train(work, "decoder.yaml", "bf16-base", 2, "parallel.tp=1", *bf16)
     ckpt = work / "runs" / "bf16-base" / "checkpoints" / f"step-{STEPS:08d}"
     assert list(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")), sorted(p.name for p in ckpt.iterdir())
     out = tmp_path / "bf16.pt"
@@ -156,12 +150,11 @@ def test_bf16_zero1_checkpoints_export_their_fp32_masters_and_reshard(work, tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     exported = torch.load(out, map_location="cpu", weights_only=True)["model"]
     module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    w = exported["net.attn_layers.layers.0.attn.to_out.weight"]
-    shard = module["net.attn_layers.layers.0.attn.to_out.weight"]  # row-parallel: TP rank 0's columns
-    assert w.dtype == torch.float32 and shard.dtype == torch.bfloat16
-    master = w[:, :shard.shape[1]]
-    assert torch.equal(master.to(torch.bfloat16), shard) and not torch.equal(master, shard.float())
-    _fork(work, "bf16-base", "bf16-tp1")
-    _train(work, "decoder.yaml", "bf16-tp1", 2, "parallel.tp=1", *bf16)
-    want, got = _losses(work, "bf16-base"), _losses(work, "bf16-tp1")
-    assert got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-3)
+    for name in ("net.attn_layers.layers.0.attn.to_out.weight", "net.token_emb.weight"):
+        master, weight = exported[name], module[name]
+        assert master.dtype == torch.float32 and weight.dtype == torch.bfloat16
+        assert torch.equal(master.to(torch.bfloat16), weight) and not torch.equal(master, weight.float()), name
+    _fork(work, "bf16-base", "bf16-tp2")
+    _train(work, "decoder.yaml", "bf16-tp2", 2, "parallel.tp=2", *bf16)
+    want, got = _losses(work, "bf16-base"), _losses(work, "bf16-tp2")
+    assert got[:SAVED] == want[:SAVED] and got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-3)
