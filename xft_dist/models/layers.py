@@ -194,13 +194,8 @@ class AttentionLayers(nn.Module):
             rotary = self.rotary(_rows(positions, x.shape[0])[:, start:])
             if context_pos is not None:
                 context_rotary = self.rotary(_rows(context_pos, x.shape[0]))
-        if (doc_ids is not None and mask is not None and doc_layout is None and not caching
-                and self.layers[0].attn.backend != "sdpa" and not torch.compiler.is_compiling()):
-            merged = padding_as_documents(doc_ids, mask)
-            if merged is not None:  # packed rows with padding stay on the varlen path
-                doc_ids, mask = merged, None
-        if doc_layout is None and doc_ids is not None and mask is None:
-            doc_layout = DocLayout.from_doc_ids(doc_ids)
+        if doc_layout is None and doc_ids is not None and not caching:
+            doc_ids, mask, doc_layout = self._documents(doc_ids, mask)
         if caching:
             inter = cache or LayerIntermediates(attn_cache=[
                 BlockCache(cross_attn=KVCache() if layer.cross_attn is not None else None) for layer in self.layers])
@@ -232,6 +227,16 @@ class AttentionLayers(nn.Module):
         inter.hiddens, inter.last_hidden = [*hiddens, x], out
         inter.cache_length = start + x.shape[1]
         return out, inter
+
+    def _documents(self, doc_ids: torch.Tensor, mask: torch.Tensor | None):
+        """``(doc_ids, mask, layout)`` for the layers: the varlen layout of packed documents, a
+        key-padding mask folded into them as documents of its own where that is exact (the
+        dense-mask backend, and compiled code, keep the mask)."""
+        if mask is not None and self.layers[0].attn.backend != "sdpa" and not torch.compiler.is_compiling():
+            merged = padding_as_documents(doc_ids, mask)
+            if merged is not None:  # packed rows with padding stay on the varlen path
+                doc_ids, mask = merged, None
+        return doc_ids, mask, DocLayout.from_doc_ids(doc_ids) if mask is None else None
 
     def _block(self, module: nn.Module, x: torch.Tensor, *, unsplit: bool = False, **kwargs) -> torch.Tensor:
         """``module(x, **kwargs)``; ``unsplit``: with the stack's sequence-parallel modules running on

@@ -199,16 +199,7 @@ class Attention(nn.Module):
             return self._cached(x, cache, context=context, mask=mask, context_mask=context_mask,
                                 rotary=rotary, context_rotary=context_rotary, doc_ids=doc_ids)
         cross = context is not None
-        with tp_region_input(x, self.group, self.sequence_parallel) as x:
-            if cross:
-                q = self.to_q(x, tp_input=True)
-            else:  # one GEMM for q, k and v
-                q, k, v = fused_column(x, [self.to_q, self.to_k, self.to_v])
-        if cross:  # the context (another stack's output, never sequence-split) enters once for k and v
-            k, v = fused_column(copy_to_tp(context, self.group), [self.to_k, self.to_v])
-        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(k, "b m (g d) -> b g m d", g=self.kv_heads)
-        v = rearrange(v, "b m (g d) -> b g m d", g=self.kv_heads)
+        q, k, v = self._project(x, context)
         if rotary is not None and not cross:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         elif cross and rotary is not None and context_rotary is not None:
@@ -236,6 +227,20 @@ class Attention(nn.Module):
             out = core(q, k, v)
         out = rearrange(out, pattern, b=q.shape[0])
         return self.to_out(out)
+
+    def _project(self, x, context):
+        """``(q [b, h, n, d], k, v [b, g, m, d])``: one entry into the TP region and one GEMM for q,
+        k and v (self-attention), or for the context's k and v (cross-attention)."""
+        with tp_region_input(x, self.group, self.sequence_parallel) as x:
+            if context is not None:
+                q = self.to_q(x, tp_input=True)
+            else:
+                q, k, v = fused_column(x, [self.to_q, self.to_k, self.to_v])
+        if context is not None:  # the context (another stack's output, never sequence-split) enters once
+            k, v = fused_column(copy_to_tp(context, self.group), [self.to_k, self.to_v])
+        return (rearrange(q, "b n (h d) -> b h n d", h=self.heads),
+                rearrange(k, "b m (g d) -> b g m d", g=self.kv_heads),
+                rearrange(v, "b m (g d) -> b g m d", g=self.kv_heads))
 
     def _varlen_core(self, q, k, v, *, layout, causal, dropout_p):
         with fork(self.rng if dropout_p > 0 else None):  # heads are split: TP-distinct masks
