@@ -60,7 +60,11 @@ class ModelSection(Section):
 
 
 class ParallelSection(Section):
-    tp: int = Field(1, ge=1, description="tensor-parallel size; DP = world size / tp")
+    tp: int = Field(1, ge=1, description="tensor-parallel size; DP = world size / (pp x tp)")
+    pp: int = Field(1, ge=1, description="pipeline stages (DeepSpeed's pipeline engine, 1F1B; ZeRO 0-1 only); "
+                                         "micro-batches per step = gradient accumulation steps")
+    pp_partition: Literal["uniform", "parameters"] = Field(
+        "uniform", description="pp > 1: layers per stage equal (uniform) or balanced by parameter count")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, gloo on CPU")
     timeout_s: float = Field(600, gt=0, description="collective timeout")
@@ -294,6 +298,7 @@ class Config(Section):
         if reduce_dtype == "fp32" and self.parallel.zero_stage == 0:
             raise ValueError("parallel.grad_reduce_dtype=fp32 needs parallel.zero_stage 1-3: without ZeRO DeepSpeed "
                              "accumulates bf16 gradients in bf16 (set zero_stage, or grad_reduce_dtype=bf16)")
+        self._pipeline_checks()
         if self.data.mode == "span" and m.kind != "encoder_decoder":
             raise ValueError("data.mode='span' produces encoder-decoder batches: set model.kind=encoder_decoder")
         if m.kind == "encoder_decoder" and self.data.mode != "span":
@@ -302,3 +307,26 @@ class Config(Section):
             raise ValueError(f"train.global_batch={self.train.global_batch} must be a multiple of "
                              f"train.micro_batch={self.train.micro_batch}")
         return self
+
+    def _pipeline_checks(self) -> None:
+        p, m = self.parallel, self.model
+        if p.pp == 1:
+            return
+        if p.zero_stage >= 2:
+            raise ValueError(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's pipeline engine "
+                             "supports ZeRO 0-1 only (use zero_stage 1)")
+        towers = {"model.depth": (m.depth, p.pp)}
+        if m.kind == "encoder_decoder":  # the first half of the stages encode, the second half decode
+            if p.pp % 2:
+                raise ValueError(f"parallel.pp={p.pp} with model.kind=encoder_decoder: the stages split evenly "
+                                 "between encoder and decoder, so pp must be even")
+            towers = {"model.enc_depth": (m.enc_depth, p.pp // 2), "model.depth": (m.depth, p.pp // 2)}
+        for key, (layers, stages) in towers.items():
+            if layers < stages:
+                raise ValueError(f"{key}={layers}: fewer layers than the {stages} pipeline stages that hold them "
+                                 f"(parallel.pp={p.pp}); every stage needs at least one layer")
+        if self.train.nonfinite == "skip":
+            raise ValueError(f"train.nonfinite='skip' with parallel.pp={p.pp}: the pipeline schedule runs every "
+                             "micro-batch's backward; use 'stop'")
+        if self.train.compile:
+            raise ValueError(f"train.compile=true with parallel.pp={p.pp}: not supported yet (compile runs at pp=1)")

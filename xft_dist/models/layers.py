@@ -186,47 +186,67 @@ class AttentionLayers(nn.Module):
             raise ValueError("cache= / return_hiddens=True take one sequence per row: no doc_ids")
         if cache is not None and x.shape[1] <= start:
             raise ValueError(f"cache holds {start} positions and x has {x.shape[1]}: nothing new to compute")
+        kw = self.layer_inputs(x.shape[0], x.shape[1], x.device, mask=mask, context=context, context_mask=context_mask,
+                               doc_ids=doc_ids, positions=positions, doc_layout=doc_layout, context_pos=context_pos,
+                               start=start, caching=caching)
+        if not caching:
+            x = self.enter(x, kw)
+            for i in range(self.depth):
+                x = self.run_layer(i, x, kw)
+            return self.finish(x, kw)
+        inter = cache or LayerIntermediates(attn_cache=[
+            BlockCache(cross_attn=KVCache() if layer.cross_attn is not None else None) for layer in self.layers])
+        x = x[:, start:]
+        hiddens = []
+        for key in ("doc_ids", "doc_layout", "split"):
+            kw.pop(key)
+        for i, layer in enumerate(self.layers):
+            hiddens.append(x)
+            x = self._block(layer, x, unsplit=self._split_built, cache=inter.attn_cache[i], **kw)
+        out = self._block(self.final_norm, x, unsplit=self._split_built)
+        inter.hiddens, inter.last_hidden = [*hiddens, x], out
+        inter.cache_length = start + x.shape[1]
+        return out, inter
+
+    def layer_inputs(self, b: int, n: int, device, *, mask=None, context=None, context_mask=None, doc_ids=None,
+                     positions=None, doc_layout=None, context_pos=None, start: int = 0, caching: bool = False) -> dict:
+        """What every block of a call takes besides ``x`` (rotary tables, document layout, context),
+        made once per call (and once per micro-batch by a pipeline stage), and whether the call runs
+        sequence-parallel (``"split"``)."""
         rotary = context_rotary = None
         if self.rotary is not None:
             if positions is None:
                 positions = (document_positions(doc_ids) if doc_ids is not None
-                             else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1))
-            rotary = self.rotary(_rows(positions, x.shape[0])[:, start:])
+                             else torch.arange(n, device=device).expand(b, -1))
+            rotary = self.rotary(_rows(positions, b)[:, start:])
             if context_pos is not None:
-                context_rotary = self.rotary(_rows(context_pos, x.shape[0]))
+                context_rotary = self.rotary(_rows(context_pos, b))
         if doc_layout is None and doc_ids is not None and not caching:
             doc_ids, mask, doc_layout = self._documents(doc_ids, mask)
-        if caching:
-            inter = cache or LayerIntermediates(attn_cache=[
-                BlockCache(cross_attn=KVCache() if layer.cross_attn is not None else None) for layer in self.layers])
-            x = x[:, start:]
-        hiddens = []
-        k = self.activation_checkpointing
-        group = self.groups.tp_group
-        split = self._split_built and not caching and x.shape[1] % group_size(group) == 0
-        if split:
-            x = scatter_to_tp(x, group, dim=1)
+        split = self._split_built and not caching and (n - start) % group_size(self.groups.tp_group) == 0
+        return dict(mask=mask, context=context, context_mask=context_mask, doc_ids=doc_ids, rotary=rotary,
+                    doc_layout=doc_layout, context_rotary=context_rotary, split=split)
+
+    def enter(self, x: torch.Tensor, kw: dict) -> torch.Tensor:
+        """The stack's input as its blocks take it: this rank's sequence chunk when split."""
+        return scatter_to_tp(x, self.groups.tp_group, dim=1) if kw["split"] else x
+
+    def run_layer(self, i: int, x: torch.Tensor, kw: dict) -> torch.Tensor:
+        """Block ``i`` on ``x`` (as ``enter`` gave it), recomputed in the backward where
+        ``activation_checkpointing`` says so."""
+        kw = dict(kw)
+        split = kw.pop("split")
         run = self._block if split == self._split_built else functools.partial(self._block, unsplit=True)
-        for i, layer in enumerate(self.layers):
-            if caching:
-                hiddens.append(x)
-                x = run(layer, x, mask=mask, context=context, context_mask=context_mask, rotary=rotary,
-                        context_rotary=context_rotary, cache=inter.attn_cache[i])
-                continue
-            kw = dict(mask=mask, context=context, context_mask=context_mask, doc_ids=doc_ids, rotary=rotary,
-                      doc_layout=doc_layout, context_rotary=context_rotary)
-            if k != "selective" and k and i % k == 0 and torch.is_grad_enabled():
-                x = checkpoint(run, layer, x, rng=self.rng, **kw)  # the recompute runs as the forward did
-            else:
-                x = run(layer, x, **kw)
-        if split:
-            return gather_from_tp(self.final_norm(x), group, dim=1)
-        out = self._block(self.final_norm, x, unsplit=self._split_built)
-        if not caching:
-            return out
-        inter.hiddens, inter.last_hidden = [*hiddens, x], out
-        inter.cache_length = start + x.shape[1]
-        return out, inter
+        k = self.activation_checkpointing
+        if k != "selective" and k and i % k == 0 and torch.is_grad_enabled():
+            return checkpoint(run, self.layers[i], x, rng=self.rng, **kw)  # the recompute runs as the forward did
+        return run(self.layers[i], x, **kw)
+
+    def finish(self, x: torch.Tensor, kw: dict) -> torch.Tensor:
+        """The final norm, and the whole sequence again when split."""
+        if kw["split"]:
+            return gather_from_tp(self.final_norm(x), self.groups.tp_group, dim=1)
+        return self._block(self.final_norm, x, unsplit=self._split_built)
 
     def _documents(self, doc_ids: torch.Tensor, mask: torch.Tensor | None):
         """``(doc_ids, mask, layout)`` for the layers: the varlen layout of packed documents, a

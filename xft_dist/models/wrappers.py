@@ -135,6 +135,20 @@ class TransformerWrapper(nn.Module):
             return F.linear(h, self.token_emb.weight, **to_logits_kwargs)
         return self.to_logits(h, **to_logits_kwargs)
 
+    def embed(self, x: torch.Tensor, *, positions: torch.Tensor | None = None,
+              token_emb_kwargs: dict | None = None) -> torch.Tensor:
+        """The stack's input ``[b, n, dim]``: token ids embedded (or embeddings taken as they are),
+        learned positions added, dropout, and the projection to the stack's width."""
+        h = x if x.is_floating_point() else self.token_emb(x, **(token_emb_kwargs or {}))
+        if self.pos_emb is not None:
+            p = positions if positions is not None else torch.arange(h.shape[1], device=h.device)[None]
+            h = h + self.pos_emb(p)
+        if self.emb_dropout > 0:
+            h = F.dropout(h, self.emb_dropout, training=self.training)  # replicated: default stream
+        if self.project_emb is not None:
+            h = self.project_emb(h)
+        return h
+
     def forward(
         self,
         x: torch.Tensor,
@@ -172,16 +186,9 @@ class TransformerWrapper(nn.Module):
             if positions is not None:
                 raise ValueError("pass positions= or pos=, not both")
             positions = pos
-        h = x if x.is_floating_point() else self.token_emb(x, **(token_emb_kwargs or {}))
         if positions is None and doc_ids is not None:
             positions = document_positions(doc_ids)
-        if self.pos_emb is not None:
-            p = positions if positions is not None else torch.arange(h.shape[1], device=h.device)[None]
-            h = h + self.pos_emb(p)
-        if self.emb_dropout > 0:
-            h = F.dropout(h, self.emb_dropout, training=self.training)  # replicated: default stream
-        if self.project_emb is not None:
-            h = self.project_emb(h)
+        h = self.embed(x, positions=positions, token_emb_kwargs=token_emb_kwargs)
         caching = cache is not None or return_intermediates
         h = self.attn_layers(h, mask, context=context, context_mask=context_mask, doc_ids=doc_ids,
                              positions=positions, doc_layout=doc_layout, context_pos=context_pos, cache=cache,
@@ -245,6 +252,11 @@ class AutoregressiveWrapper(nn.Module):
                          **net_kwargs):
         """``(loss_sum, num_tokens)`` of the net on ``inp`` against ``target`` (IGNORE never counts);
         ``loss_mask`` weighs each token's loss."""
+        return self.hidden_loss_sums(self.net(inp, return_embeddings=True, **net_kwargs), target, loss_mask)
+
+    def hidden_loss_sums(self, h: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None):
+        """``(loss_sum, num_tokens)`` from the stack's output ``h [b, n, dim]``: the head and the
+        loss (fused, chunk by chunk, where the head is ours)."""
         if loss_mask is not None:
             target = target.masked_fill(loss_mask == 0, IGNORE)  # dropped targets are ignored outright
         kw = dict(group=self.net.groups.tp_group, vocab_size=self.net.num_tokens, ignore_index=IGNORE,
@@ -252,11 +264,10 @@ class AutoregressiveWrapper(nn.Module):
         if self.fused_loss and self.net.head is not None:  # a head of the user's own: unfused
             # Without weights, every counted token's loss has the same upstream gradient: the fused
             # backward then only scales what its forward computed (no check, no recompute).
-            h = self.net(inp, return_embeddings=True, **net_kwargs)
             losses = fused_head_cross_entropy(h, self.net.head.weight, target, chunk_tokens=self.loss_chunk_tokens,
                                               uniform_grad=loss_mask is None, **kw)
         else:
-            losses = vocab_parallel_cross_entropy(self.net(inp, **net_kwargs), target, **kw)
+            losses = vocab_parallel_cross_entropy(self.net.logits(h), target, **kw)
         return masked_loss_sum(losses, target, ignore_index=IGNORE, loss_mask=loss_mask)
 
     def loss_sums(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,10 +61,10 @@ class World:
     table: list[RankInfo]
 
 
-def init_world(env: DistEnv, *, tp: int = 1, backend: str = "auto", timeout_s: float = 600.0,
+def init_world(env: DistEnv, *, tp: int = 1, pp: int = 1, backend: str = "auto", timeout_s: float = 600.0,
                device: torch.device | None = None) -> World:
-    """Set the CUDA device (GPU ranks), form (or adopt) the process group, build the TP x DP groups
-    and exchange the rank table. Collective: every rank calls it with the same ``tp``."""
+    """Set the CUDA device (GPU ranks), form (or adopt) the process group, build the PP x DP x TP
+    groups and exchange the rank table. Collective: every rank calls it with the same ``tp`` and ``pp``."""
     device = device or rank_device(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
@@ -75,7 +75,7 @@ def init_world(env: DistEnv, *, tp: int = 1, backend: str = "auto", timeout_s: f
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-    groups = ParallelGroups.build(tp_size=tp, timeout=timeout)
+    groups = ParallelGroups.build(tp_size=tp, pp_size=pp, timeout=timeout)
     return World(env=env, device=device, backend=str(dist.get_backend()), groups=groups,
                  table=rank_table(env.local_rank))
 

@@ -1,5 +1,6 @@
 """``deepspeed.initialize`` with the tensor-parallel mpu, the generated DeepSpeed config and the
-weight-decay parameter groups."""
+weight-decay parameter groups; at ``parallel.pp > 1`` over the model's pipeline stages
+(``models.pipeline``), which makes it DeepSpeed's ``PipelineEngine``."""
 
 from __future__ import annotations
 
@@ -37,12 +38,17 @@ def initialize(cfg: Config, model, groups: ParallelGroups, *, load_universal: bo
     """The DeepSpeed engine; ``load_universal``: it will load a universal checkpoint (resharding)."""
     import deepspeed
 
+    mpu = groups.mpu()
+    if groups.pp_size > 1:  # DeepSpeed's pipeline engine: its module brings the grid (our groups' layout)
+        from ..models.pipeline import build_pipeline
+
+        model, mpu = build_pipeline(model, groups, partition=cfg.parallel.pp_partition), None
     params = weight_decay_groups(model, cfg.optim.weight_decay, decay_norms_and_biases=cfg.optim.decay_norms_and_biases,
                                  decay_embeddings=cfg.optim.decay_embeddings)
     ds = deepspeed_config(cfg, groups.dp_size)
     if load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds, mpu=groups.mpu())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds, mpu=mpu)
     if cfg.parallel.zero_stage == 3:
         register_output_heads(model)
     return engine

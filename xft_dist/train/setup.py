@@ -55,16 +55,22 @@ def vocab_facts(cfg: Config, manifest: Manifest | Mixture) -> VocabFacts:
 
 def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Mixture]:
     """(data-parallel size, manifest), or a ``ConfigError`` naming the key."""
-    tp = cfg.parallel.tp
-    if env.world_size % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide the world size {env.world_size} "
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if env.world_size % pp:
+        raise ConfigError(f"parallel.pp={pp} must divide the world size {env.world_size} (launcher: {env.launcher})")
+    if (env.world_size // pp) % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide the world size {env.world_size} / parallel.pp={pp} "
                           f"(launcher: {env.launcher})")
-    dp = env.world_size // tp
-    batch_split(cfg, dp)
+    dp = env.world_size // (tp * pp)
+    _, accum = batch_split(cfg, dp)
+    if pp > 1 and accum < pp and env.rank == 0:
+        log.warning("parallel.pp=%d with %d micro-batches per step (train.global_batch / (train.micro_batch x "
+                    "DP %d)): fewer micro-batches than stages; the 1F1B bubble idles each stage %.0f %% of the step "
+                    "((p - 1) / (m + p - 1)); use at least %d", pp, accum, dp, 100 * (pp - 1) / (accum + pp - 1), pp)
     check_precision(cfg, device)
     if cfg.data.num_streams % dp:
         raise ConfigError(f"data.num_streams={cfg.data.num_streams} must be divisible by the data-parallel "
-                          f"size {dp} (world {env.world_size} / tp {tp})")
+                          f"size {dp} (world {env.world_size} / (tp {tp} x pp {pp}))")
     if cfg.train.global_batch % cfg.data.num_streams:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch} must be a multiple of "
                           f"data.num_streams={cfg.data.num_streams}")
@@ -133,12 +139,13 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
 
     world = None
     if upto != "model" or env.world_size > 1:
-        world = init_world(env, tp=cfg.parallel.tp, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s,
+        world = init_world(env, tp=cfg.parallel.tp, pp=cfg.parallel.pp, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s,
                            device=rank_device(env, kind))
         groups, run_device = world.groups, world.device
     else:
-        if cfg.parallel.tp != 1:
-            raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs {cfg.parallel.tp} ranks; one process builds TP=1")
+        if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
+            key, n = ("parallel.tp", cfg.parallel.tp) if cfg.parallel.tp != 1 else ("parallel.pp", cfg.parallel.pp)
+            raise ConfigError(f"{key}={n} needs {n} ranks; one process builds TP=1, PP=1")
         # one process, no world: the model is built where ``device`` says (the CPU by default)
         groups, run_device = ParallelGroups.single(), torch.device(device or "cpu")
     matmul_precision(run_device, allow_tf32=cfg.parallel.allow_tf32)

@@ -93,6 +93,11 @@ def _zero_grad_surrogate(engine) -> torch.Tensor:
 def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
                step: int = 0, stop_requested: bool = False,
                drop_update: Callable[[float], bool] | None = None) -> StepResult:
+    if groups.pp_size > 1:
+        from .pipe_step import pipeline_train_step
+
+        return pipeline_train_step(engine, batch, groups=groups, micro_batch=micro_batch, nonfinite=nonfinite,
+                                   step=step, stop_requested=stop_requested, drop_update=drop_update)
     micro = split_micro_batches(batch, micro_batch, engine.device)
     if len(micro) != engine.gradient_accumulation_steps():
         raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "

@@ -1,0 +1,122 @@
+"""Pipeline parallelism (``parallel.pp``) against the single process: the decoder LM at PP=2,
+PP=2 x DP=2 and PP=2 x TP=2 (sequence parallel and full recomputation inside the stages), tied and
+untied head. Each run takes 6 real steps (``train_step`` on DeepSpeed's pipeline engine, fed by the
+real loader) and must give the single process's loss and gradient norm at every step within 1e-5
+relative, and its weights after the last step (each stage's, sliced for TP), which an error in any
+gradient (the tied embedding's sum between first and last stage included) would move."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from .harness import CheckSet
+
+pytestmark = pytest.mark.slow
+STEPS, GLOBAL = 6, 8
+
+
+def _config(name: str, *, tp: int = 1, pp: int = 1, micro: int = 2, tie: bool = True, **parallel):
+    from xft_dist.config.load import validate
+
+    model = {"dim": 32, "depth": 4, "heads": 4, "dim_head": 8, "tie_embedding": tie,
+             "activation_checkpointing": parallel.pop("checkpointing", 0)}
+    return validate({"model": model, "data": {"shards": os.environ["XFT_PP_CORPUS"], "seq_len": 16, "num_streams": 4},
+                     "parallel": {"tp": tp, "pp": pp, "zero_stage": 1, **parallel},
+                     "train": {"steps": 100, "global_batch": GLOBAL, "micro_batch": micro, "seed": 0},
+                     "optim": {"lr": 3e-3, "grad_clip": 0.5}, "schedule": {"warmup_steps": 2},
+                     "run": {"out_dir": os.environ["XFT_PP_DIR"], "name": name},
+                     "checkpoint": {"resume": False}, "logging": {"wandb": "disabled", "progress_bar": False}})
+
+
+def _train(cfg):
+    from xft_dist.train.setup import build_run
+    from xft_dist.train.step import train_step
+
+    run = build_run(cfg)
+    batches = iter(run.loader)
+    steps = [train_step(run.engine, next(batches), groups=run.groups, micro_batch=cfg.train.micro_batch, step=i)
+             for i in range(STEPS)]
+    weights = {n: p.detach().clone() for n, p in run.engine.module.named_parameters()}
+    run.sinks.finish()
+    run.engine.destroy()
+    return [s.loss for s in steps], [s.grad_norm for s in steps], weights, run.groups
+
+
+def _reference(tie: bool) -> dict:
+    path = Path(os.environ["XFT_PP_DIR"]) / f"reference-tie{int(tie)}.pt"
+    return torch.load(path)
+
+
+def _compare(name: str, *, tie: bool = True, **kw):
+    from xft_dist.models.pipeline import reference_name
+
+    from .common import tp_shard
+
+    cfg = _config(name, tie=tie, **kw)
+    losses, norms, weights, groups = _train(cfg)
+    ref = _reference(tie)
+    what = f"{name} (stage {groups.pp_rank}, tp {groups.tp_rank}, dp {groups.dp_rank})"
+    for key, got, want in (("loss", losses, ref["losses"]), ("grad norm", norms, ref["norms"])):
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                   rtol=1e-5, atol=0, msg=lambda m: f"{what} {key}: {got} vs {want}\n{m}")
+    assert weights, f"{what}: no parameters on this stage"
+    for pipe_name, w in weights.items():
+        full = ref["weights"][reference_name(pipe_name, cfg.model.depth)]
+        torch.testing.assert_close(w, tp_shard(full, w, groups), rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{what}: weight {pipe_name} after {STEPS} steps\n{m}")
+    assert min(losses[1:]) < losses[0], f"{what}: loss did not fall {losses}"
+
+
+ONE, TWO, FOUR = CheckSet(world_size=1, timeout_s=300), CheckSet(world_size=2, timeout_s=400), \
+    CheckSet(world_size=4, timeout_s=500)
+
+
+@ONE.check
+def single_process_reference():
+    for tie in (True, False):
+        losses, norms, weights, _ = _train(_config(f"ref-tie{int(tie)}", tie=tie, micro=GLOBAL))
+        path = Path(os.environ["XFT_PP_DIR"]) / f"reference-tie{int(tie)}.pt"
+        torch.save({"losses": losses, "norms": norms, "weights": weights}, path)
+        json.dumps(losses)
+
+
+@TWO.check
+def pp2_tied_and_untied_match_the_single_process():
+    _compare("pp2-tied", pp=2)
+    _compare("pp2-untied", pp=2, tie=False)
+
+
+@FOUR.check
+def pp2_dp2_matches_the_single_process():
+    _compare("pp2-dp2-tied", pp=2, micro=1)
+
+
+@FOUR.check
+def pp2_tp2_sequence_parallel_recomputed_matches_the_single_process():
+    _compare("pp2-tp2-sp", pp=2, tp=2, sequence_parallel=True, checkpointing="full")
+    _compare("pp2-tp2-untied", pp=2, tp=2, tie=False)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    from ..helpers import make_corpus
+
+    root = tmp_path_factory.mktemp("pipeline")
+    make_corpus(root / "corpus", num_docs=200, shard_tokens=500, max_len=60)
+    os.environ["XFT_PP_CORPUS"] = str(root / "corpus")
+    os.environ["XFT_PP_DIR"] = str(root)
+    try:
+        return {name: rep for cs in (ONE, TWO, FOUR) for rep in [cs.run()] for name in cs.names()}
+    finally:
+        os.environ.pop("XFT_PP_CORPUS")
+        os.environ.pop("XFT_PP_DIR")
+
+
+@pytest.mark.parametrize("name", ONE.names() + TWO.names() + FOUR.names())
+def test_pipeline_parity(reports, name):
+    reports[name].assert_passed(name)
