@@ -17,7 +17,8 @@ COMM = {"overlap_comm": "overlap_comm", "contiguous_gradients": "contiguous_grad
 OWNED = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization.stage",
-    "data_types.grad_accum_dtype", "communication_data_type",
+    "data_types.grad_accum_dtype", "communication_data_type", "pipeline.pipe_partitioned",
+    "pipeline.grad_partitioned",
     *(f"zero_optimization.{k}" for k in COMM),
 }
 
@@ -86,6 +87,16 @@ def grad_dtypes(cfg: Config) -> dict[str, Any]:
     return {"data_types": {"grad_accum_dtype": dtype}, "communication_data_type": dtype}
 
 
+def pipeline_settings(cfg: Config) -> dict[str, Any]:
+    """``parallel.pp > 1``: between stages, DeepSpeed sends each TP rank 1/tp of an activation and
+    all-gathers it on the next stage (``pipe_partitioned``), which assumes the TP ranks hold the same
+    activation; under sequence parallelism each holds its own sequence chunk, sent whole instead."""
+    if cfg.parallel.pp == 1:
+        return {}
+    split = not cfg.parallel.sequence_parallel
+    return {"pipeline": {"pipe_partitioned": split, "grad_partitioned": split}}
+
+
 def _conflicts(raw: dict, prefix: str = "") -> list[str]:
     found = []
     for k, v in raw.items():
@@ -116,6 +127,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "fp16": {"enabled": cfg.train.precision == "fp16"},
         "zero_optimization": {"stage": cfg.parallel.zero_stage, **zero_comm(cfg)},
         **grad_dtypes(cfg),
+        **pipeline_settings(cfg),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -126,6 +138,8 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
             ours = f"parallel.{COMM[key]}"
         elif key in ("grad_accum_dtype", "communication_data_type"):
             ours = "parallel.grad_reduce_dtype"
+        elif key in ("pipe_partitioned", "grad_partitioned"):
+            ours = "parallel.pp and parallel.sequence_parallel"
         else:
             ours = "e.g. train.*, optim.*, parallel.zero_stage"
         raise ConfigError(f"deepspeed.{conflicts[0]}: set by xft_dist from its own config ({ours}); remove it "
