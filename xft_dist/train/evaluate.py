@@ -19,7 +19,7 @@ from ..config import Config, ConfigError
 from ..data import Batch, DataError, LoaderConfig, Manifest, StreamingLoader
 from ..data.tokenizer import same_tokenizer
 from ..parallel import ParallelGroups, all_reduce
-from .step import host_numbers, split_micro_batches
+from .step import _world, host_numbers, split_micro_batches
 
 
 def valid_manifest(cfg: Config, train: Manifest | None = None, shards: str | None = None) -> Manifest | None:
@@ -48,6 +48,19 @@ def validation_batches(cfg: Config, manifest: Manifest, vocab_size: int) -> list
 
 
 @torch.no_grad()
+def pipeline_loss_sum(engine, micro: list[Batch], groups: ParallelGroups) -> torch.Tensor:
+    """This rank's share of the loss sum of ``micro`` through the pipeline (DeepSpeed's inference
+    schedule): the last stage's TP rank 0 holds it, every other rank zero."""
+    feed = engine.module.feed
+    feed.start(micro, None)
+    placeholder = torch.zeros(1)
+    engine.eval_batch(iter([(placeholder, placeholder)] * len(micro)), num_micro_batches=len(micro), bcast_loss=False)
+    own = torch.zeros((), dtype=torch.float64, device=engine.device)
+    if groups.last_stage and groups.tp_rank == 0:
+        own = torch.stack(feed.sums).to(torch.float64).sum()
+    return own
+
+
 def evaluate(forward, model: torch.nn.Module, batches: list[Batch], *, groups: ParallelGroups, micro_batch: int,
              device: torch.device, byte_tokenizer: bool) -> dict:
     """``valid/loss`` (mean over loss tokens), ``valid/ppl``, ``valid/tokens`` and, for the byte
@@ -60,13 +73,21 @@ def evaluate(forward, model: torch.nn.Module, batches: list[Batch], *, groups: P
     loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     try:
         for batch in batches:
-            for mb in split_micro_batches(batch.shard(groups.dp_rank, groups.dp_size), micro_batch, device):
-                loss_sum += forward(mb)[0].detach().to(torch.float64)
-                tokens += mb.num_loss_tokens
+            micro = split_micro_batches(batch.shard(groups.dp_rank, groups.dp_size), micro_batch, device)
+            if groups.pp_size > 1:
+                loss_sum += pipeline_loss_sum(forward, micro, groups)
+            else:
+                for mb in micro:
+                    loss_sum += forward(mb)[0].detach().to(torch.float64)
+            tokens += sum(mb.num_loss_tokens for mb in micro)
     finally:
         model.train(was_training)
     acc = torch.cat([loss_sum[None], host_numbers([float(tokens)], device)])
-    loss_sum, tokens = all_reduce(acc, groups.dp_group).tolist()
+    if groups.pp_size > 1:  # the sums live on the last stage (its TP rank 0), the counts on every stage
+        acc = all_reduce(acc * host_numbers([1.0, float(groups.pp_rank == 0)], device), _world(groups))
+    else:
+        acc = all_reduce(acc, groups.dp_group)
+    loss_sum, tokens = acc.tolist()
     if tokens == 0:
         raise ValueError("the validation batches hold no loss tokens")
     loss = loss_sum / tokens

@@ -48,8 +48,9 @@ def check_paths(cfg: Config) -> None:
 
 
 def layout_now(cfg: Config, world_size: int) -> dict:
-    """What a checkpoint's shards depend on: TP and DP sizes and the ZeRO stage."""
-    return {"tp": cfg.parallel.tp, "dp": world_size // cfg.parallel.tp, "zero_stage": cfg.parallel.zero_stage}
+    """What a checkpoint's shards depend on: PP, TP and DP sizes and the ZeRO stage."""
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "dp": world_size // (p.tp * p.pp), "zero_stage": p.zero_stage}
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,15 @@ class ResumePlan:
 
 
 def _layout_change(cfg: Config, path: Path, saved: dict | None, now: dict) -> str | None:
+    if saved is not None:
+        saved = {"pp": 1, **saved}  # written before pipeline stages existed
     if saved is None or saved == now:
         return None
     change = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
+    if saved["pp"] > 1 or now["pp"] > 1:
+        raise ConfigError(f"{path} was written at another layout ({change}): a pipeline checkpoint resumes at the "
+                          f"layout it was saved at (parallel.pp={saved['pp']}, tp={saved.get('tp')}, DP "
+                          f"{saved.get('dp')}); resharding into or out of pipeline stages is not supported yet")
     if cfg.checkpoint.reshard == "off":
         raise ConfigError(f"{path} was written at another layout ({change}) and checkpoint.reshard=off; set "
                           "checkpoint.reshard=auto to convert it (DeepSpeed universal checkpoint)")

@@ -68,6 +68,11 @@ def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Mixture]
                     "DP %d)): fewer micro-batches than stages; the 1F1B bubble idles each stage %.0f %% of the step "
                     "((p - 1) / (m + p - 1)); use at least %d", pp, accum, dp, 100 * (pp - 1) / (accum + pp - 1), pp)
     check_precision(cfg, device)
+    rows = cfg.data.valid.batch_rows or cfg.train.global_batch
+    if pp > 1 and rows % (cfg.train.micro_batch * dp):
+        raise ConfigError(f"data.valid.batch_rows={rows} with parallel.pp={pp}: the pipeline sends micro-batches "
+                          f"of one shape, so it must be a multiple of train.micro_batch={cfg.train.micro_batch} x "
+                          f"DP {dp}")
     if cfg.data.num_streams % dp:
         raise ConfigError(f"data.num_streams={cfg.data.num_streams} must be divisible by the data-parallel "
                           f"size {dp} (world {env.world_size} / (tp {tp} x pp {pp}))")
@@ -191,8 +196,8 @@ def data_mixture(cfg: Config) -> Mixture:
 
 
 def layout(cfg: Config, groups: ParallelGroups) -> dict:
-    """What a checkpoint's shards depend on: TP and DP sizes and the ZeRO stage."""
-    return {"tp": groups.tp_size, "dp": groups.dp_size, "zero_stage": cfg.parallel.zero_stage}
+    """What a checkpoint's shards depend on: PP, TP and DP sizes and the ZeRO stage."""
+    return {"tp": groups.tp_size, "pp": groups.pp_size, "dp": groups.dp_size, "zero_stage": cfg.parallel.zero_stage}
 
 
 def _pick_resume(cfg: Config, groups: ParallelGroups, plan: ResumePlan | None, **facts) -> ResumePlan | None:
