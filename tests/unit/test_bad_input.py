@@ -46,6 +46,13 @@ VALIDATION = {
                                   "parallel.grad_reduce_dtype=bf16 applies to train.precision=bf16 only"),
     "compile with dropout": (["train.compile=true", "model.ff_dropout=0.1"], {},
                              "train.compile=true with model.ff_dropout=0.1"),
+    "ZeRO 2 with pipeline stages": (["parallel.pp=2", "parallel.zero_stage=2", "model.depth=2"], {},
+                                    "parallel.pp=2 with parallel.zero_stage=2: DeepSpeed's pipeline engine supports "
+                                    "ZeRO 0-1 only"),
+    "fewer layers than stages": (["parallel.pp=2"], {}, "model.depth=1: fewer layers than the 2 pipeline stages"),
+    "encoder tower shorter than its stages": (["model.kind=encoder_decoder", "data.mode=span", "parallel.pp=4",
+                                               "model.depth=4", "model.enc_depth=1"], {},
+                                              "model.enc_depth=1: fewer layers than the 2 pipeline stages"),
     "fp32 reduction without ZeRO": (["train.precision=bf16", "parallel.zero_stage=0",
                                      "parallel.grad_reduce_dtype=fp32"], {},
                                     "parallel.grad_reduce_dtype=fp32 needs parallel.zero_stage 1-3"),
@@ -55,6 +62,10 @@ LAUNCH = {
                     "train.global_batch=6 must equal train.micro_batch=2 x accumulation x data-parallel size 2"),
     "tp vs world": (["parallel.tp=2", "model.heads=2"], {"WORLD_SIZE": "3"},
                     "parallel.tp=2 must divide the world size 3"),
+    "pp vs world": (["parallel.pp=2", "model.depth=2"], {"WORLD_SIZE": "3"},
+                    "parallel.pp=2 must divide the world size 3"),
+    "tp vs world / pp": (["parallel.pp=2", "parallel.tp=2", "model.depth=2"], {"WORLD_SIZE": "6"},
+                         "parallel.tp=2 must divide the world size 6 / parallel.pp=2"),
     "fp16 on CPU": (["train.precision=fp16"], {}, "train.precision=fp16: not supported on CPU"),
     "missing shards": (["data.shards=/nowhere"], {}, "data.shards='/nowhere'"),
     "streams vs DP": (["data.num_streams=3", "train.global_batch=6", "train.micro_batch=3"], {"WORLD_SIZE": "2"},
@@ -140,3 +151,17 @@ def test_resume_with_allowed_changes_logs_them(trained, tmp_path):
     assert len(changed) == 1 and "optim.lr: 0.0003 -> 0.001" in changed[0] and "train.steps: 2 -> 3" in changed[0]
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # the copied history, then the new step
+
+
+def test_fewer_micro_batches_than_stages_warns_with_the_bubble(trained, caplog):
+    from xft_dist.config.load import load_config
+    from xft_dist.runtime import DistEnv
+    from xft_dist.train.setup import static_checks
+
+    path, _ = trained
+    cfg = load_config(path, ["parallel.pp=2", "model.depth=2", "train.global_batch=4", "train.micro_batch=4"])
+    env = DistEnv(rank=0, world_size=2, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="torchrun")
+    with caplog.at_level("WARNING", logger="xft_dist.train"):
+        static_checks(cfg, env, "cpu")
+    assert "parallel.pp=2 with 1 micro-batches per step" in caplog.text, caplog.text
+    assert "idles each stage 50 %" in caplog.text, caplog.text
