@@ -3,7 +3,8 @@ PP=2 x DP=2 and PP=2 x TP=2 (sequence parallel and full recomputation inside the
 untied head. Each run takes 6 real steps (``train_step`` on DeepSpeed's pipeline engine, fed by the
 real loader) and must give the single process's loss and gradient norm at every step within 1e-5
 relative, and its weights after the last step (each stage's, sliced for TP), which an error in any
-gradient (the tied embedding's sum between first and last stage included) would move."""
+gradient (the tied embedding's sum between first and last stage included) would move; and the
+whole model gathered from the stages (what samples are drawn from) holds those weights too."""
 
 from __future__ import annotations
 
@@ -42,9 +43,15 @@ def _train(cfg):
     steps = [train_step(run.engine, next(batches), groups=run.groups, micro_batch=cfg.train.micro_batch, step=i)
              for i in range(STEPS)]
     weights = dict(run.engine.module.named_parameters())  # the parameters themselves: their TP split marks
+    whole = {}
+    if run.groups.pp_size > 1:  # every stage's weights gathered into the whole model (samples use it)
+        from xft_dist.models.pipeline import whole_model
+
+        with whole_model(run.engine.module, run.model, run.groups, run.device) as model:
+            whole = {n: (p.detach().clone(), p) for n, p in model.named_parameters()}
     run.sinks.finish()
     run.engine.destroy()
-    return [s.loss for s in steps], [s.grad_norm for s in steps], weights, run.groups
+    return [s.loss for s in steps], [s.grad_norm for s in steps], weights, run.groups, whole
 
 
 def _reference(tie: bool) -> dict:
@@ -58,13 +65,17 @@ def _compare(name: str, *, tie: bool = True, **kw):
     from .common import tp_shard
 
     cfg = _config(name, tie=tie, **kw)
-    losses, norms, weights, groups = _train(cfg)
+    losses, norms, weights, groups, whole = _train(cfg)
     ref = _reference(tie)
     what = f"{name} (stage {groups.pp_rank}, tp {groups.tp_rank}, dp {groups.dp_rank})"
     for key, got, want in (("loss", losses, ref["losses"]), ("grad norm", norms, ref["norms"])):
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
                                    rtol=1e-5, atol=0, msg=lambda m: f"{what} {key}: {got} vs {want}\n{m}")
     assert weights, f"{what}: no parameters on this stage"
+    assert set(whole) == set(ref["weights"]), f"{what}: the whole model's parameters"
+    for name, (w, param) in whole.items():
+        torch.testing.assert_close(w, tp_shard(ref["weights"][name], param, groups), rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{what}: the whole model's {name} after {STEPS} steps\n{m}")
     for pipe_name, w in weights.items():
         full = ref["weights"][reference_name(pipe_name, cfg.model.depth)]
         torch.testing.assert_close(w.detach(), tp_shard(full, w, groups), rtol=1e-4, atol=1e-6,
@@ -79,7 +90,7 @@ ONE, TWO, FOUR = CheckSet(world_size=1, timeout_s=300), CheckSet(world_size=2, t
 @ONE.check
 def single_process_reference():
     for tie in (True, False):
-        losses, norms, weights, _ = _train(_config(f"ref-tie{int(tie)}", tie=tie, micro=GLOBAL))
+        losses, norms, weights, _, _ = _train(_config(f"ref-tie{int(tie)}", tie=tie, micro=GLOBAL))
         path = Path(os.environ["XFT_PP_DIR"]) / f"reference-tie{int(tie)}.pt"
         torch.save({"losses": losses, "norms": norms, "weights": {n: w.detach() for n, w in weights.items()}}, path)
         json.dumps(losses)

@@ -21,6 +21,7 @@ copy on the last stage counted once in the gradient norm.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -131,8 +132,12 @@ def pipe_layers(model: nn.Module, feed: MicroBatchFeed) -> list[nn.Module]:
 def build_pipeline(model: nn.Module, groups: ParallelGroups, *, partition: str = "uniform"):
     """DeepSpeed's ``PipelineModule`` over ``model``'s pipe layers, on the grid of ``groups``
     (collective: every rank calls it)."""
+    import deepspeed
+    import torch.distributed as dist
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+    # PipelineModule asks DeepSpeed's communication layer for ranks: let it adopt the world
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     feed = MicroBatchFeed()
     layers = pipe_layers(model, feed)
     topology = PipeModelDataParallelTopology(num_pp=groups.pp_size, num_mp=groups.tp_size, num_dp=groups.dp_size)
@@ -191,3 +196,38 @@ def reference_name(pipe_name: str, depth: int) -> str:
     if rest.startswith("final_norm."):
         return f"net.attn_layers.{rest}"
     return f"net.{rest}"
+
+
+def stage_owners(pipe) -> dict[str, int]:
+    """Each parameter of the whole model, by its name there, and the stage that trains it (a tied
+    embedding: the first stage)."""
+    owners: dict[str, int] = {}
+    depth = sum(isinstance(layer, BlockPipe) for layer in pipe._layer_specs)
+    for stage in range(pipe.num_stages):
+        for index in range(pipe.parts[stage], pipe.parts[stage + 1]):
+            for name, _ in pipe._layer_specs[index].named_parameters():
+                owners.setdefault(reference_name(f"{index}.{name}", depth), stage)
+    return owners
+
+
+@contextlib.contextmanager
+def whole_model(pipe, model: nn.Module, groups: ParallelGroups, device):
+    """``model`` with every stage's current weights, on ``device``, for the duration (generation on
+    a pipeline run: each stage broadcasts its parameters to the other stages of its (DP, TP) place;
+    afterwards the parameters of other stages go back where they were). Collective over the stages."""
+    from ..parallel import broadcast
+
+    owners = stage_owners(pipe)
+    moved = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            stage = owners[name]
+            if stage != groups.pp_rank:
+                moved.append((p, p.data))
+                p.data = p.data.to(device)
+            p.data.copy_(broadcast(p.data, groups.pp_group, src=groups.stage_rank(stage)))
+    try:
+        yield model
+    finally:
+        for p, data in moved:
+            p.data = data

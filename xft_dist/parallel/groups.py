@@ -36,6 +36,7 @@ class ParallelGroups:
     dp_group: ProcessGroup | None
     pp_rank: int = 0
     pp_size: int = 1
+    pp_group: ProcessGroup | None = None  # the stages of this rank's (DP, TP) place; None at pp 1
 
     @property
     def first_stage(self) -> bool:
@@ -84,6 +85,13 @@ class ParallelGroups:
                 group = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks:
                     dp_group = group
+        pp_group = None
+        if pp_size > 1:
+            for place in range(stage_size):
+                ranks = list(range(place, world_size, stage_size))
+                group = dist.new_group(ranks, timeout=timeout)
+                if rank in ranks:
+                    pp_group = group
         return cls(
             rank=rank,
             world_size=world_size,
@@ -95,6 +103,7 @@ class ParallelGroups:
             dp_group=dp_group,
             pp_rank=rank // stage_size,
             pp_size=pp_size,
+            pp_group=pp_group,
         )
 
     def stage_pair_group(self, first: int, second: int) -> ProcessGroup | None:

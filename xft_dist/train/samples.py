@@ -2,10 +2,13 @@
 
 Every rank runs the same ``generate`` (a collective at TP > 1) with a generator seeded from
 ``train.seed`` and the step: the samples are reproducible and the training RNG streams untouched.
+At ``parallel.pp > 1`` every rank samples from the whole model, each stage's weights broadcast to
+the others for the duration (``models.pipeline.whole_model``): the whole model must fit one device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -34,7 +37,13 @@ def sample_continuations(r, step: int) -> list[dict] | None:
     for text in cfg.logging.sample_prompts:
         ids = tok.encode(text) or [tok.eos_id]  # an empty prompt starts a document
         prompts.append(torch.tensor(ids[-r.model.net.max_seq_len:], dtype=torch.long, device=r.device))
-    out = r.model.generate(prompts, cfg.logging.sample_tokens, temperature=1.0, top_p=0.9, eos_token=tok.eos_id,
-                           seed=cfg.train.seed * 1_000_003 + step)
+    whole = contextlib.nullcontext(r.model)
+    if r.groups.pp_size > 1:  # every stage's current weights, gathered for the duration
+        from ..models.pipeline import whole_model
+
+        whole = whole_model(r.engine.module, r.model, r.groups, r.device)
+    with whole as model:
+        out = model.generate(prompts, cfg.logging.sample_tokens, temperature=1.0, top_p=0.9, eos_token=tok.eos_id,
+                             seed=cfg.train.seed * 1_000_003 + step)
     return [{"prompt": text, "continuation": decode_row(tok, row)}
             for text, row in zip(cfg.logging.sample_prompts, out.tolist())]
