@@ -1,6 +1,7 @@
 """Pipeline parallelism (``parallel.pp``) against the single process: the decoder LM at PP=2,
 PP=2 x DP=2 and PP=2 x TP=2 (sequence parallel and full recomputation inside the stages), tied and
-untied head. Each run takes 6 real steps (``train_step`` on DeepSpeed's pipeline engine, fed by the
+untied head; the encoder-decoder at PP=2 (one stage per tower; also with a wider encoder) and PP=4
+(two stages per tower, the encoder output passed through a decoder stage). Each run takes 6 real steps (``train_step`` on DeepSpeed's pipeline engine, fed by the
 real loader) and must give the single process's loss and gradient norm at every step within 1e-5
 relative, and its weights after the last step (each stage's, sliced for TP), which an error in any
 gradient (the tied embedding's sum between first and last stage included) would move; and the
@@ -21,12 +22,17 @@ pytestmark = pytest.mark.slow
 STEPS, GLOBAL = 6, 8
 
 
-def _config(name: str, *, tp: int = 1, pp: int = 1, micro: int = 2, tie: bool = True, **parallel):
+def _config(name: str, *, tp: int = 1, pp: int = 1, micro: int = 2, tie: bool = True, enc_dim: int | None = None,
+            **parallel):
     from xft_dist.config.load import validate
 
     model = {"dim": 32, "depth": 4, "heads": 4, "dim_head": 8, "tie_embedding": tie,
              "activation_checkpointing": parallel.pop("checkpointing", 0)}
-    return validate({"model": model, "data": {"shards": os.environ["XFT_PP_CORPUS"], "seq_len": 16, "num_streams": 4},
+    data = {"shards": os.environ["XFT_PP_CORPUS"], "seq_len": 16, "num_streams": 4}
+    if enc_dim is not None:  # the encoder-decoder: 2 encoder layers (width enc_dim), 2 decoder layers
+        model.update(kind="encoder_decoder", depth=2, enc_depth=2, enc_dim=enc_dim)
+        data.update(mode="span", enc_len=32)
+    return validate({"model": model, "data": data,
                      "parallel": {"tp": tp, "pp": pp, "zero_stage": 1, **parallel},
                      "train": {"steps": 100, "global_batch": GLOBAL, "micro_batch": micro, "seed": 0},
                      "optim": {"lr": 3e-3, "grad_clip": 0.5}, "schedule": {"warmup_steps": 2},
@@ -42,7 +48,9 @@ def _train(cfg):
     batches = iter(run.loader)
     steps = [train_step(run.engine, next(batches), groups=run.groups, micro_batch=cfg.train.micro_batch, step=i)
              for i in range(STEPS)]
-    weights = dict(run.engine.module.named_parameters())  # the parameters themselves: their TP split marks
+    # the parameters themselves (their TP split marks), by their names in the whole model
+    names = run.engine.module.model_names() if run.groups.pp_size > 1 else {}
+    weights = {names.get(n, n): p for n, p in run.engine.module.named_parameters()}
     whole = {}
     if run.groups.pp_size > 1:  # every stage's weights gathered into the whole model (samples use it)
         from xft_dist.models.pipeline import whole_model
@@ -54,19 +62,16 @@ def _train(cfg):
     return [s.loss for s in steps], [s.grad_norm for s in steps], weights, run.groups, whole
 
 
-def _reference(tie: bool) -> dict:
-    path = Path(os.environ["XFT_PP_DIR"]) / f"reference-tie{int(tie)}.pt"
-    return torch.load(path)
+def _reference_path(tie: bool, enc_dim: int | None) -> Path:
+    return Path(os.environ["XFT_PP_DIR"]) / f"reference-tie{int(tie)}-enc{enc_dim}.pt"
 
 
-def _compare(name: str, *, tie: bool = True, **kw):
-    from xft_dist.models.pipeline import reference_name
-
+def _compare(name: str, *, tie: bool = True, enc_dim: int | None = None, **kw):
     from .common import tp_shard
 
-    cfg = _config(name, tie=tie, **kw)
+    cfg = _config(name, tie=tie, enc_dim=enc_dim, **kw)
     losses, norms, weights, groups, whole = _train(cfg)
-    ref = _reference(tie)
+    ref = torch.load(_reference_path(tie, enc_dim))
     what = f"{name} (stage {groups.pp_rank}, tp {groups.tp_rank}, dp {groups.dp_rank})"
     for key, got, want in (("loss", losses, ref["losses"]), ("grad norm", norms, ref["norms"])):
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
@@ -76,10 +81,9 @@ def _compare(name: str, *, tie: bool = True, **kw):
     for name, (w, param) in whole.items():
         torch.testing.assert_close(w, tp_shard(ref["weights"][name], param, groups), rtol=1e-4, atol=1e-6,
                                    msg=lambda m: f"{what}: the whole model's {name} after {STEPS} steps\n{m}")
-    for pipe_name, w in weights.items():
-        full = ref["weights"][reference_name(pipe_name, cfg.model.depth)]
-        torch.testing.assert_close(w.detach(), tp_shard(full, w, groups), rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{what}: weight {pipe_name} after {STEPS} steps\n{m}")
+    for name, w in weights.items():
+        torch.testing.assert_close(w.detach(), tp_shard(ref["weights"][name], w, groups), rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{what}: weight {name} after {STEPS} steps\n{m}")
     assert min(losses[1:]) < losses[0], f"{what}: loss did not fall {losses}"
 
 
@@ -89,9 +93,10 @@ ONE, TWO, FOUR = CheckSet(world_size=1, timeout_s=300), CheckSet(world_size=2, t
 
 @ONE.check
 def single_process_reference():
-    for tie in (True, False):
-        losses, norms, weights, _, _ = _train(_config(f"ref-tie{int(tie)}", tie=tie, micro=GLOBAL))
-        path = Path(os.environ["XFT_PP_DIR"]) / f"reference-tie{int(tie)}.pt"
+    for tie, enc_dim in ((True, None), (False, None), (True, 32), (True, 48)):
+        losses, norms, weights, _, _ = _train(_config(f"ref-tie{int(tie)}-enc{enc_dim}", tie=tie, enc_dim=enc_dim,
+                                                      micro=GLOBAL))
+        path = _reference_path(tie, enc_dim)
         torch.save({"losses": losses, "norms": norms, "weights": {n: w.detach() for n, w in weights.items()}}, path)
         json.dumps(losses)
 
@@ -100,6 +105,17 @@ def single_process_reference():
 def pp2_tied_and_untied_match_the_single_process():
     _compare("pp2-tied", pp=2)
     _compare("pp2-untied", pp=2, tie=False)
+
+
+@TWO.check
+def encoder_decoder_pp2_matches_the_single_process_also_with_a_wider_encoder():
+    _compare("encdec-pp2", pp=2, enc_dim=32)
+    _compare("encdec-pp2-wide", pp=2, enc_dim=48)
+
+
+@FOUR.check
+def encoder_decoder_pp4_two_stages_per_tower_matches_the_single_process():
+    _compare("encdec-pp4-wide", pp=4, enc_dim=48)
 
 
 @FOUR.check

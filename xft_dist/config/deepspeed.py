@@ -90,10 +90,12 @@ def grad_dtypes(cfg: Config) -> dict[str, Any]:
 def pipeline_settings(cfg: Config) -> dict[str, Any]:
     """``parallel.pp > 1``: between stages, DeepSpeed sends each TP rank 1/tp of an activation and
     all-gathers it on the next stage (``pipe_partitioned``), which assumes the TP ranks hold the same
-    activation; under sequence parallelism each holds its own sequence chunk, sent whole instead."""
+    activation and that only the first tensor sent needs a gradient. Under sequence parallelism each
+    TP rank holds its own sequence chunk, and the encoder-decoder's decoder stages pass the encoder
+    output on with the hidden state (both need gradients): those are sent whole."""
     if cfg.parallel.pp == 1:
         return {}
-    split = not cfg.parallel.sequence_parallel
+    split = not cfg.parallel.sequence_parallel and cfg.model.kind == "decoder"
     return {"pipeline": {"pipe_partitioned": split, "grad_partitioned": split}}
 
 

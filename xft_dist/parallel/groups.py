@@ -106,15 +106,14 @@ class ParallelGroups:
             pp_group=pp_group,
         )
 
-    def stage_pair_group(self, first: int, second: int) -> ProcessGroup | None:
-        """The two-rank groups {stage ``first``, stage ``second``} of every (DP, TP) place (a tied
-        embedding's first and last stage); this rank's, or None. Collective: every rank creates
-        every group, in the same order."""
+    def stages_group(self, stages: list[int]) -> ProcessGroup | None:
+        """The groups of ``stages`` (e.g. those holding a tied embedding) at every (DP, TP) place;
+        this rank's, or None. Collective: every rank creates every group, in the same order."""
         mine = None
         for dp in range(self.dp_size):
             for tp in range(self.tp_size):
                 base = dp * self.tp_size + tp
-                ranks = [base + s * self.dp_size * self.tp_size for s in (first, second)]
+                ranks = [base + s * self.dp_size * self.tp_size for s in stages]
                 group = dist.new_group(ranks)
                 if self.rank in ranks:
                     mine = group
