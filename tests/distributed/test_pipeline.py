@@ -5,7 +5,9 @@ untied head; the encoder-decoder at PP=2 (one stage per tower; also with a wider
 real loader) and must give the single process's loss and gradient norm at every step within 1e-5
 relative, and its weights after the last step (each stage's, sliced for TP), which an error in any
 gradient (the tied embedding's sum between first and last stage included) would move; and the
-whole model gathered from the stages (what samples are drawn from) holds those weights too."""
+whole model gathered from the stages (what samples are drawn from) holds those weights too. A PP=2 x
+TP=2 checkpoint and an encoder-decoder PP=2 one, saved by the trainer, consolidate (what every
+export reads) to the single process's weights."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def _config(name: str, *, tp: int = 1, pp: int = 1, micro: int = 2, tie: bool = 
                      "checkpoint": {"resume": False}, "logging": {"wandb": "disabled", "progress_bar": False}})
 
 
-def _train(cfg):
+def _train(cfg, *, save: bool = False):
+    from xft_dist.train.loop import save as save_checkpoint
     from xft_dist.train.setup import build_run
     from xft_dist.train.step import train_step
 
@@ -48,6 +51,8 @@ def _train(cfg):
     batches = iter(run.loader)
     steps = [train_step(run.engine, next(batches), groups=run.groups, micro_batch=cfg.train.micro_batch, step=i)
              for i in range(STEPS)]
+    if save:  # the trainer's own save (collective), committed like every checkpoint
+        save_checkpoint(run, STEPS)
     # the parameters themselves (their TP split marks), by their names in the whole model
     names = run.engine.module.model_names() if run.groups.pp_size > 1 else {}
     weights = {names.get(n, n): p for n, p in run.engine.module.named_parameters()}
@@ -66,12 +71,22 @@ def _reference_path(tie: bool, enc_dim: int | None) -> Path:
     return Path(os.environ["XFT_PP_DIR"]) / f"reference-tie{int(tie)}-enc{enc_dim}.pt"
 
 
-def _compare(name: str, *, tie: bool = True, enc_dim: int | None = None, **kw):
+def _compare(name: str, *, tie: bool = True, enc_dim: int | None = None, export: bool = False, **kw):
+    import torch.distributed as dist
+
     from .common import tp_shard
 
     cfg = _config(name, tie=tie, enc_dim=enc_dim, **kw)
-    losses, norms, weights, groups, whole = _train(cfg)
+    losses, norms, weights, groups, whole = _train(cfg, save=export)
     ref = torch.load(_reference_path(tie, enc_dim))
+    if export and dist.get_rank() == 0:  # the checkpoint consolidates to the single process's weights
+        from xft_dist.ckpt.convert import consolidate, resolve_checkpoint
+
+        full = consolidate(resolve_checkpoint(Path(os.environ["XFT_PP_DIR"]) / name))["model"]
+        assert set(ref["weights"]) <= set(full), set(ref["weights"]) - set(full)  # (+ a shared one's aliases)
+        for key, want in ref["weights"].items():
+            torch.testing.assert_close(full[key], want, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name}: exported {key}\n{m}")
     what = f"{name} (stage {groups.pp_rank}, tp {groups.tp_rank}, dp {groups.dp_rank})"
     for key, got, want in (("loss", losses, ref["losses"]), ("grad norm", norms, ref["norms"])):
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
@@ -110,7 +125,7 @@ def pp2_tied_and_untied_match_the_single_process():
 @TWO.check
 def encoder_decoder_pp2_matches_the_single_process_also_with_a_wider_encoder():
     _compare("encdec-pp2", pp=2, enc_dim=32)
-    _compare("encdec-pp2-wide", pp=2, enc_dim=48)
+    _compare("encdec-pp2-wide", pp=2, enc_dim=48, export=True)
 
 
 @FOUR.check
@@ -125,7 +140,7 @@ def pp2_dp2_matches_the_single_process():
 
 @FOUR.check
 def pp2_tp2_sequence_parallel_recomputed_matches_the_single_process():
-    _compare("pp2-tp2-sp", pp=2, tp=2, sequence_parallel=True, checkpointing="full")
+    _compare("pp2-tp2-sp", pp=2, tp=2, sequence_parallel=True, checkpointing="full", export=True)
     _compare("pp2-tp2-untied", pp=2, tp=2, tie=False)
 
 

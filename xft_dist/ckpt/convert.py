@@ -1,6 +1,7 @@
 """Consolidate a tensor-parallel checkpoint into one full (TP=1) state dict.
 
-Each TP rank's DeepSpeed ``mp_rank_XX_model_states.pt`` holds its shards. The TP=1 model built
+Each TP rank's DeepSpeed ``mp_rank_XX_model_states.pt`` holds its shards (at ``parallel.pp > 1``
+each stage's ranks hold their layers' shards, by pipe-layer names, mapped back to the model's). The TP=1 model built
 from the checkpoint's own config, on the meta device so no memory is spent, gives every full
 shape and each parameter's split (``nn.sharding.tp_split``, the mark its layer set): a split
 parameter is concatenated along its split dimension, with vocab padding stripped; a replicated one
@@ -54,7 +55,7 @@ def read_checkpoint_config(ckpt: str | Path):
 
 
 def _zero_fp32_states(ckpt: Path, tp: int) -> list[dict]:
-    """Each TP rank's fp32 master weights from its ZeRO partitions (stages 1-3), by DeepSpeed's
+    """Each model-parallel (TP, or stage x TP) rank's fp32 master weights from its ZeRO partitions (stages 1-3), by DeepSpeed's
     ``zero_to_fp32`` run on a view of the checkpoint holding that rank's files only."""
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's import logs to stdout: keep it for results
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -69,10 +70,22 @@ def _zero_fp32_states(ckpt: Path, tp: int) -> list[dict]:
             view = Path(tmp) / ckpt.name
             view.mkdir()
             for f in files:
-                (view / f.name).symlink_to(f.resolve())
+                _link_or_fill(f, view / f.name)
             with contextlib.redirect_stdout(io.StringIO()):  # it prints progress
                 states.append(get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.name))
     return states
+
+
+def _link_or_fill(src: Path, dst: Path) -> None:
+    """``dst`` links to ``src``; a pipeline stage's model-states file, which keeps its weights in
+    per-layer files (``module`` None), is copied with an empty module instead (``zero_to_fp32``
+    reads the module's buffers from it; ours has none)."""
+    if src.name.endswith("_model_states.pt") and src.name.startswith("mp_rank_"):
+        state = torch.load(src, map_location="cpu", weights_only=False)
+        if state.get("module") is None:
+            torch.save({**state, "module": {}}, dst)
+            return
+    dst.symlink_to(src.resolve())
 
 
 def _bf16_fp32_states(ckpt: Path, tp: int) -> list[dict]:
@@ -81,7 +94,7 @@ def _bf16_fp32_states(ckpt: Path, tp: int) -> list[dict]:
     rank holds a contiguous slice of each parameter group's flat fp32 copy, and
     ``param_slice_mappings`` names the parameters' fragments in it; a parameter is its fragments in
     DP-rank order, shaped like the module's copy."""
-    modules = _module_states(ckpt, tp)
+    shapes = _param_shapes(ckpt, tp)
     states = []
     for r in range(tp):
         files = sorted(ckpt.glob(f"bf16_zero_pp_rank_*_mp_rank_{r:02d}_optim_states.pt"),
@@ -96,10 +109,53 @@ def _bf16_fp32_states(ckpt: Path, tp: int) -> list[dict]:
                     fragments.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
         state = {}
         for name, parts in fragments.items():
-            shape = modules[r][name].shape
+            shape = shapes[r][name]
             state[name] = torch.cat(parts).view(shape).clone()
         states.append(state)
     return states
+
+
+def _param_shapes(ckpt: Path, ranks: int) -> list[dict]:
+    """Each model-parallel rank's parameter shapes, by the engine's names (DeepSpeed records them)."""
+    out = []
+    for r in range(ranks):
+        state = torch.load(ckpt / f"mp_rank_{r:02d}_model_states.pt", map_location="cpu", weights_only=False)
+        out.append({n: s for group in state["param_shapes"] for n, s in group.items()})
+    return out
+
+
+def _pipe_layer_states(ckpt: Path, reference: torch.nn.Module, tp: int) -> list[dict]:
+    """A pipeline checkpoint's module weights (ZeRO 0), per model-parallel rank (stage-major, then
+    TP), by pipe-layer names: DeepSpeed writes one ``layer_II-model_TT-model_states.pt`` per layer."""
+    from ..models.pipeline import MicroBatchFeed, pipe_towers
+
+    layers = [layer for tower in pipe_towers(reference, MicroBatchFeed()) for layer in tower]
+    states: list[dict] = []
+    for t in range(tp):
+        state = {}
+        for i in range(len(layers)):
+            f = ckpt / f"layer_{i:02d}-model_{t:02d}-model_states.pt"
+            if not f.exists():
+                raise ValueError(f"{ckpt}: missing {f.name} (pipeline layer {i}, tensor-parallel rank {t})")
+            state.update({f"{i}.{n}": v for n, v in torch.load(f, map_location="cpu", weights_only=False).items()})
+        states.append(state)
+    return states  # one per TP rank, every stage's layers in it
+
+
+def _join_stages(shards: list[dict], reference: torch.nn.Module, tp: int, pp: int) -> list[dict]:
+    """Per-TP-rank state dicts by the whole model's names, from a pipeline checkpoint's shards."""
+    from ..models.pipeline import MicroBatchFeed, model_names, pipe_towers
+
+    names = model_names([layer for tower in pipe_towers(reference, MicroBatchFeed()) for layer in tower], reference)
+    by_tp = [shards[t::tp] if len(shards) == tp * pp else [shards[t]] for t in range(tp)]
+    out = []
+    for stages in by_tp:
+        joined: dict = {}
+        for state in stages:
+            for pipe_name, value in state.items():
+                joined.setdefault(names[pipe_name], value)  # a tied embedding: the first stage's copy
+        out.append(joined)
+    return out
 
 
 def _module_states(ckpt: Path, tp: int) -> list[dict]:
@@ -121,17 +177,20 @@ def consolidate(ckpt: str | Path, *, reference: torch.nn.Module | None = None) -
     """
     ckpt = Path(ckpt)
     cfg, shared = _read(ckpt)
-    tp = cfg.parallel.tp
-    if cfg.parallel.zero_stage == 0:
-        shards = _module_states(ckpt, tp)
-    elif any(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        shards = _bf16_fp32_states(ckpt, tp)
-    else:
-        shards = _zero_fp32_states(ckpt, tp)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if reference is None:
         with torch.device("meta"):
             reference = build_model(at_tp1(cfg), ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
                                     pad_id=shared["pad_id"])
+    ranks = tp * pp  # DeepSpeed's model-parallel ranks: stage-major, then TP
+    if cfg.parallel.zero_stage == 0:
+        shards = _module_states(ckpt, tp) if pp == 1 else _pipe_layer_states(ckpt, reference, tp)
+    elif any(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        shards = _bf16_fp32_states(ckpt, ranks)
+    else:
+        shards = _zero_fp32_states(ckpt, ranks)
+    if pp > 1:
+        shards = _join_stages(shards, reference, tp, pp)
     aliases: dict[int, list[str]] = {}  # a shared parameter (one embedding, several owners) has several names
     for name, p in reference.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
