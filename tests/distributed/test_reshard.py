@@ -103,6 +103,30 @@ def test_resume_at_another_layout_continues_exactly(work, bases, config, zero, t
     assert (ckpt / f"step-{STEPS:08d}" / "COMPLETE").exists()
 
 
+PIPELINE = [("pp2tp2", 4, ("parallel.pp=2", "parallel.tp=2"), [("pp1tp1dp2", 2, ("parallel.pp=1", "parallel.tp=1")),
+                                                                 ("pp2tp1", 2, ("parallel.pp=2", "parallel.tp=1"))]),
+            (None, None, None, [("pp2tp1dp2", 4, ("parallel.pp=2", "parallel.tp=1"))])]
+
+
+@pytest.mark.parametrize("base_label, nproc, layout, targets", PIPELINE, ids=["from-pp2tp2", "from-tp2dp2-into-pp2"])
+def test_resume_into_and_out_of_pipeline_stages_continues_exactly(work, bases, base_label, nproc, layout, targets):
+    """PP2 x TP2 saved, resumed at PP1 x TP1 x DP2 and PP2 x TP1; a TP2 x DP2 checkpoint resumed at
+    PP2 x DP2: the universal folder answers to both the model's and the pipe layers' names."""
+    base = bases[("decoder.yaml", 1)]
+    if base_label is not None:
+        base = f"decoder-{base_label}"
+        _train(work, "decoder.yaml", base, nproc, *layout, "parallel.zero_stage=1")
+        assert _losses(work, base) == pytest.approx(_losses(work, bases[("decoder.yaml", 1)]), rel=1e-5)
+    for label, n, target in targets:
+        name = f"{base}-{label}"
+        _fork(work, base, name)
+        res = _train(work, "decoder.yaml", name, n, *target, "parallel.zero_stage=1")
+        assert "through DeepSpeed's universal checkpoint" in res.stdout + res.stderr
+        want, got = _losses(work, base), _losses(work, name)
+        assert len(got) == STEPS and got[:SAVED] == want[:SAVED]
+        assert got[SAVED:] == pytest.approx(want[SAVED:], rel=1e-5), (label, got[SAVED:], want[SAVED:])
+
+
 def test_reshard_off_zero0_and_zero3_changes_are_refused(work, bases):
     base = bases[("decoder.yaml", 1)]
     _fork(work, base, "refuse")

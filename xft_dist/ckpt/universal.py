@@ -35,7 +35,7 @@ UNIVERSAL_DIR = "universal"
 DONE = "UNIVERSAL_COMPLETE"
 
 
-def tp_splits(model: nn.Module) -> dict[str, tuple[str, int | None]]:
+def tp_splits(model: nn.Module | dict) -> dict[str, tuple[str, int | None]]:
     """Each parameter's TP split in this model (the marks its layers set, ``nn.sharding.tp_split``):
     ``(kind, dim)`` with kind ``vocab`` (dim 0, padded rows), ``column`` (dim 0), ``row`` (dim 1) or
     ``replicated`` (None). At TP=1 too: a checkpoint saved at TP=1 and resumed at TP=2 must tell
@@ -44,11 +44,13 @@ def tp_splits(model: nn.Module) -> dict[str, tuple[str, int | None]]:
     would have been cut along the wrong dimension)."""
     from ..nn.sharding import tp_split
 
-    return {name: tp_split(p) for name, p in model.named_parameters()}
+    named = model if isinstance(model, dict) else dict(model.named_parameters())
+    return {name: tp_split(p) for name, p in named.items()}
 
 
-def universal_checkpoint_info(model: nn.Module, num_tokens: int) -> dict:
-    """DeepSpeed's ``universal_checkpoint_info`` for our layers (parameter names as the engine's)."""
+def universal_checkpoint_info(model: nn.Module | dict, num_tokens: int) -> dict:
+    """DeepSpeed's ``universal_checkpoint_info`` for our layers (parameter names as the engine's;
+    a pipeline's: every stage's parameters by name, ``{name: parameter}``)."""
     from deepspeed.checkpoint import constants as c
 
     replicated, row, vocab = [], [], []
@@ -65,7 +67,7 @@ def universal_checkpoint_info(model: nn.Module, num_tokens: int) -> dict:
             c.ORIGINAL_VOCAB_SIZE: num_tokens}
 
 
-def universal_client_state(model: nn.Module, num_tokens: int) -> dict:
+def universal_client_state(model: nn.Module | dict, num_tokens: int) -> dict:
     """What a save passes to DeepSpeed's client state for ``ds_to_universal``."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
@@ -92,8 +94,39 @@ def to_universal(ckpt: Path) -> Path:
         sys.argv = argv
     for f in ckpt.glob("*mp_rank_*_model_states.pt"):  # DeepSpeed reads its metadata from these
         shutil.copy(f, out / f.name)
+    alias_stage_names(ckpt, out)
     (out / DONE).write_text("ok\n")
     return out
+
+
+def alias_stage_names(ckpt: Path, out: Path) -> None:
+    """Make the universal folder readable at any pipeline size: DeepSpeed keys each parameter's
+    folder by the engine's name, which is the model's at ``pp = 1`` and the pipe layer's at ``pp > 1``
+    (``"3.block.attn.to_q.weight"``, the same at every stage count); each gets the other as a link."""
+    import json
+
+    import torch
+    import yaml
+
+    from ..config.load import validate
+    from ..models.factory import build_model
+    from ..models.pipeline import MicroBatchFeed, model_names, pipe_towers
+    from ..parallel import ParallelGroups
+
+    cfg = validate(yaml.safe_load((ckpt / "config.yaml").read_text()), str(ckpt / "config.yaml"))
+    shared = json.loads((ckpt / "xft_state.json").read_text())
+    cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": 1, "pp": 1})})
+    with torch.device("meta"):
+        model = build_model(cfg, ParallelGroups.single(), None, num_tokens=shared["num_tokens"],
+                            pad_id=shared["pad_id"])
+    layers = [layer for tower in pipe_towers(model, MicroBatchFeed()) for layer in tower]
+    zero = out / "zero"
+    for pipe_name, name in model_names(layers, model).items():
+        have_pipe, have_model = (zero / pipe_name).exists(), (zero / name).exists()
+        if have_pipe and not have_model:
+            (zero / name).symlink_to(pipe_name)
+        elif have_model and not have_pipe:
+            (zero / pipe_name).symlink_to(name)
 
 
 def _tp_group_of(model: nn.Module):

@@ -269,6 +269,11 @@ def _staged_model_class():
             for p, group in self.get_tied_weights_and_groups():
                 all_reduce_(p.grad, group)
 
+        def all_parameters(self) -> dict[str, nn.Parameter]:
+            """Every stage's parameters by their names on their stage's engine (a tied embedding
+            under each stage's name)."""
+            return {f"{i}.{n}": p for i, layer in enumerate(self._layer_specs) for n, p in layer.named_parameters()}
+
         def model_names(self) -> dict[str, str]:
             """Each pipe-layer parameter name (``"3.block.attn.to_q.weight"``) and the name of that
             parameter in the whole model, for every stage."""

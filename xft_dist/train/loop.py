@@ -78,7 +78,8 @@ def save(r: Run, step: int):
     shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": r.sinks.run_id,
               "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer,
               "layout": layout(r.cfg, r.groups), "spike": r.guard.state_dict() if r.guard is not None else None}
-    uc = universal_client_state(r.model, r.vocab.num_tokens)
+    params = r.model if r.groups.pp_size == 1 else r.engine.module.all_parameters()
+    uc = universal_client_state(params, r.vocab.num_tokens)
     return r.ckpt.save(r.engine, step, rank_state={"rng": rng_state_to_tensors(capture_rng_state(r.streams))},
                        shared=shared, config_text=r.config_text, client_state=uc)
 

@@ -70,10 +70,6 @@ def _layout_change(cfg: Config, path: Path, saved: dict | None, now: dict) -> st
     if saved is None or saved == now:
         return None
     change = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
-    if saved["pp"] > 1 or now["pp"] > 1:
-        raise ConfigError(f"{path} was written at another layout ({change}): a pipeline checkpoint resumes at the "
-                          f"layout it was saved at (parallel.pp={saved['pp']}, tp={saved.get('tp')}, DP "
-                          f"{saved.get('dp')}); resharding into or out of pipeline stages is not supported yet")
     if cfg.checkpoint.reshard == "off":
         raise ConfigError(f"{path} was written at another layout ({change}) and checkpoint.reshard=off; set "
                           "checkpoint.reshard=auto to convert it (DeepSpeed universal checkpoint)")
