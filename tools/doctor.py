@@ -45,7 +45,8 @@ def local_checks(args) -> tuple[dict, list[tuple[str, bool, str]], object, objec
             from xft_dist.train.setup import static_checks
 
             dp, _ = static_checks(cfg, env, accelerator())
-            results.append(("config", True, f"tp {cfg.parallel.tp} x dp {dp}, ZeRO {cfg.parallel.zero_stage}, "
+            pp = f"pp {cfg.parallel.pp} x " if cfg.parallel.pp > 1 else ""
+            results.append(("config", True, f"{pp}tp {cfg.parallel.tp} x dp {dp}, ZeRO {cfg.parallel.zero_stage}, "
                                             f"{cfg.train.precision}"))
     except (ConfigError, DataError) as e:
         results.append(("config", False, str(e).replace("\n", " ")))
@@ -131,6 +132,17 @@ def mapping_check(table, tp: int) -> tuple[str, bool, str]:
     return "rank mapping", not problems, "; ".join(problems) or summary
 
 
+def layout_lines(world_size: int, tp: int, pp: int) -> list[str]:
+    """The PP x DP x TP grid as the trainer builds it: each stage's ranks, and each rank's place."""
+    stage = world_size // pp
+    dp = stage // tp
+    lines = []
+    for s in range(pp):
+        ranks = [f"{r} (tp {r % tp}, dp {(r % stage) // tp})" for r in range(s * stage, (s + 1) * stage)]
+        lines.append(f"stage {s}: ranks " + ", ".join(ranks))
+    return [f"pp {pp} x dp {dp} x tp {tp}"] + lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -168,6 +180,9 @@ def main(argv=None) -> int:
     report = [("process group", True, f"{env.world_size} ranks joined")]
     tp = cfg.parallel.tp if cfg is not None else 1
     report.append(mapping_check(table, tp))
+    pp = cfg.parallel.pp if cfg is not None else 1
+    if env.world_size % (tp * pp) == 0:
+        report.append(("layout", True, "; ".join(layout_lines(env.world_size, tp, pp))))
     report.append(ar)
     for name in dict.fromkeys(n for rs in everyone for n, _, _ in rs):  # local checks, per host
         bad = [(table[r].host, r, d) for r, rs in enumerate(everyone) for n, ok, d in rs if n == name and not ok]

@@ -33,12 +33,16 @@ def _env(**extra):
 
 
 def test_healthy_layout_is_go(cfg):
+    """Two pipeline stages: the report shows the grid, each rank's stage, TP and DP rank."""
     res = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), DOCTOR,
-                          "--config", str(cfg)], env=_env(), capture_output=True, text=True, timeout=300)
+                          "--config", str(cfg), "parallel.pp=2"], env=_env(), capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "doctor: GO" in res.stdout
-    for check in ("process group", "rank mapping", "all-reduce", "environment", "config", "shards", "disk"):
+    for check in ("process group", "rank mapping", "all-reduce", "environment", "config", "shards", "disk", "layout"):
         assert f"[ok] {check}" in res.stdout, res.stdout
+    assert "[ok] config: pp 2 x tp 1 x dp 1" in res.stdout, res.stdout
+    assert "layout: pp 2 x dp 1 x tp 1; stage 0: ranks 0 (tp 0, dp 0); stage 1: ranks 1 (tp 0, dp 0)" in res.stdout
 
 
 def test_duplicate_local_rank_is_no_go(cfg):

@@ -34,12 +34,17 @@ def _write(tmp_path, data, name="cfg.yaml"):
 
 
 def test_presets_compose_and_validate():
-    for preset in ("tiny", "gpt_125m", "gpt_1_3b", "gpt_1_3b_zero3", "t5_base"):
+    for preset in ("tiny", "gpt_125m", "gpt_1_3b", "gpt_1_3b_zero3", "gpt_1_3b_pp2_tp2", "t5_base"):
         cfg = load_config(REPO / "configs" / f"{preset}.yaml")
         assert cfg.run.name
     cfg = load_config(REPO / "configs" / "gpt_1_3b.yaml", ["model.depth=4", "optim.betas=[0.9, 0.99]"])
     assert cfg.model.depth == 4 and cfg.model.ff_glu and cfg.parallel.tp == 2 and cfg.optim.betas == (0.9, 0.99)
     assert load_config(REPO / "configs" / "t5_base.yaml").model.kind == "encoder_decoder"
+    pp = load_config(REPO / "configs" / "gpt_1_3b_pp2_tp2.yaml")
+    assert (pp.parallel.pp, pp.parallel.tp, pp.parallel.zero_stage) == (2, 2, 1)
+    ds = deepspeed_config(pp, dp_size=2)  # 8 GPUs: 32 micro-batches in flight
+    assert ds["gradient_accumulation_steps"] == 32 and ds["pipeline"] == {"pipe_partitioned": False,
+                                                                          "grad_partitioned": False}
 
 
 def test_deepspeed_config_is_derived_and_raw_section_cannot_conflict():

@@ -27,6 +27,10 @@ class RankInfo:
     host: str
     addr: str
     pid: int
+    place: str = ""  # "stage 1, tp 0, dp 1": the rank's coordinates in the PP x DP x TP grid
+
+    def __str__(self) -> str:
+        return f"{self.rank} ({self.place})" if self.place else str(self.rank)
 
 
 def local_address(master_addr: str, master_port: int) -> str:
@@ -42,10 +46,12 @@ def local_address(master_addr: str, master_port: int) -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
-def rank_table(local_rank: int) -> list[RankInfo]:
+def rank_table(local_rank: int, groups=None) -> list[RankInfo]:
+    """Every rank's host, address, pid and (with ``groups``) place in the grid. Collective."""
+    place = f"stage {groups.pp_rank}, tp {groups.tp_rank}, dp {groups.dp_rank}" if groups is not None else ""
     me = RankInfo(dist.get_rank(), local_rank, socket.gethostname(),
                   local_address(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0))),
-                  os.getpid())
+                  os.getpid(), place)
     return all_gather_object(me)
 
 
@@ -67,8 +73,9 @@ def explain(exc: BaseException, table: list[RankInfo] | None, *, me: int, timeou
             peers = [r for r in table if r.addr == m.group(1) and r.rank != me]
             if peers:
                 hosts = sorted({p.host for p in peers})
+                ranks = ", ".join(str(p) for p in peers)
                 return (f"{where}: lost contact with host {', '.join(hosts)} ({m.group(1)}), ranks "
-                        f"{[p.rank for p in peers]}: that rank died or its link went down. Error: {text}")
+                        f"[{ranks}]: that rank died or its link went down. Error: {text}")
         if "timed out" in text.lower() or "timeout" in text.lower():
             others = sorted({f"{r.host} ({r.addr})" for r in table if r.addr != mine.addr})
             return (f"{where}: no answer within parallel.timeout_s={timeout_s:g}s; a peer is hung or a link "

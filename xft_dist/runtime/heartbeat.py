@@ -107,7 +107,8 @@ def describe_lost(lost: list[int], table, *, me: int, silent_s: float, lost_afte
         mine = table[me]
         peers = [r for r in table if r.rank in lost]
         hosts = ", ".join(sorted({f"{p.host} ({p.addr})" for p in peers}))
+        ranks = ", ".join(str(p) for p in peers)
         return (f"rank {me} on {mine.host} ({mine.addr}): lost contact with host {hosts}, ranks "
-                f"{[p.rank for p in peers]}: no heartbeat for {silent_s:.0f} s (parallel.heartbeat_lost_s="
+                f"[{ranks}]: no heartbeat for {silent_s:.0f} s (parallel.heartbeat_lost_s="
                 f"{lost_after_s:g}); that rank died, froze or its link went down")
     return f"rank {me}: lost contact with ranks {lost}: no heartbeat for {silent_s:.0f} s"

@@ -77,7 +77,7 @@ def init_world(env: DistEnv, *, tp: int = 1, pp: int = 1, backend: str = "auto",
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     groups = ParallelGroups.build(tp_size=tp, pp_size=pp, timeout=timeout)
     return World(env=env, device=device, backend=str(dist.get_backend()), groups=groups,
-                 table=rank_table(env.local_rank))
+                 table=rank_table(env.local_rank, groups))
 
 
 def device_report(device: torch.device) -> str:

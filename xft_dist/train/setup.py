@@ -147,6 +147,9 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
         world = init_world(env, tp=cfg.parallel.tp, pp=cfg.parallel.pp, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s,
                            device=rank_device(env, kind))
         groups, run_device = world.groups, world.device
+        if groups.rank == 0:
+            log.info("layout: pp %d x dp %d x tp %d; ranks: %s", groups.pp_size, groups.dp_size, groups.tp_size,
+                     "; ".join(f"{r} {r.host}" for r in world.table))
     else:
         if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
             key, n = ("parallel.tp", cfg.parallel.tp) if cfg.parallel.tp != 1 else ("parallel.pp", cfg.parallel.pp)
