@@ -9,6 +9,7 @@
     python tools/bench.py --mode attention --seq 8192 --docs 8                       # packed (varlen) attention
     python tools/bench.py --mode memory --seq 2048 --batch 1       # sequence parallel / recomputation memory
     python tools/bench.py --mode comm --seq 128 --batch 1          # the collective ledger vs the minimum
+    python tools/bench.py --mode pipeline --seq 256 --batch 2      # the 1F1B bubble at PP=2 vs PP=1
 
 Each implementation runs in its own subprocess (so peak memory is its own): ``warmup`` steps, then
 ``steps`` timed steps of forward + next-token loss + backward + AdamW. Prints tokens/s, step time,
@@ -34,7 +35,7 @@ IMPLS = ("xft", "x-transformers")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="model",
-                   choices=["model", "data", "converge", "loss", "attention", "memory", "comm"])
+                   choices=["model", "data", "converge", "loss", "attention", "memory", "comm", "pipeline"])
     p.add_argument("--tokens", type=int, default=8192, help="loss mode: tokens")
     p.add_argument("--docs", type=int, default=8, help="attention mode: documents per row")
     p.add_argument("--tp", type=int, default=1, help="loss mode: tensor-parallel ranks (gloo processes)")
@@ -390,6 +391,10 @@ def main(argv=None) -> int:
         return 0
     if a.mode == "data":
         return bench_data(a)
+    if a.mode == "pipeline":
+        from bench_pipeline import bench_pipeline  # tools/bench_pipeline.py
+
+        return bench_pipeline(a)
     if a.mode in ("memory", "comm"):
         from bench_parallel import bench_comm, bench_memory  # tools/bench_parallel.py
 

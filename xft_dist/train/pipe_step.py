@@ -29,7 +29,9 @@ def _before_update(engine, hook: Callable[[], None]) -> None:
     """Run ``hook`` at the engine's ``ReduceTiedGrads`` instruction, before DeepSpeed's own work."""
     from deepspeed.runtime.pipe import schedule
 
-    base = type(engine)._INSTRUCTION_MAP
+    base = engine.__dict__.get("_xft_instructions")
+    if base is None:  # the engine's table as first seen (DeepSpeed's, or a profiler's wrapping it)
+        base = engine._xft_instructions = dict(engine._INSTRUCTION_MAP)
     original = base[schedule.ReduceTiedGrads]
 
     def reduce_tied_grads(self, **kwargs):
