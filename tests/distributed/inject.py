@@ -34,6 +34,8 @@ def _stall_data(at: int) -> None:
 
 def _scale_loss(at_step: int, factor: float, first_micro_only: bool) -> None:
     """Multiply the model's loss sum by ``factor`` at ``at_step`` (the trainer's step numbers)."""
+    import torch
+
     from xft_dist.models import wrappers
     from xft_dist.train import loop, step
 
@@ -46,18 +48,18 @@ def _scale_loss(at_step: int, factor: float, first_micro_only: bool) -> None:
         return original_step(*args, **kwargs)
 
     loop.train_step = counting_step
-    original_forward = wrappers.AutoregressiveWrapper.forward
+    original = wrappers.AutoregressiveWrapper.hidden_loss_sums  # every loss, pipeline stages' too
 
-    def forward(self, *args, **kwargs):
-        out = original_forward(self, *args, **kwargs)
+    def hidden_loss_sums(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
         hit = current["step"] == at_step and current["runs"] == 1 and (current["micro"] == 0 or not first_micro_only)
-        if self.training and isinstance(out, tuple):
+        if self.training and torch.is_grad_enabled():
             current["micro"] += 1
             if hit:
                 return (out[0] * factor, *out[1:])
         return out
 
-    wrappers.AutoregressiveWrapper.forward = forward
+    wrappers.AutoregressiveWrapper.hidden_loss_sums = hidden_loss_sums
 
 
 def launch(config: Path, name: str, *overrides: str, fault: str = "", nproc: int = 2, timeout: int = 300):

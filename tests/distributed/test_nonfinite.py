@@ -54,3 +54,15 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank_in_the_same_micro_batch(work
     skipped = {r["step"]: r["skipped_micro_batches"] for r in rows if "loss" in r}
     assert skipped == {1: 0, 2: 0, 3: 1, 4: 0, 5: 0, 6: 0}
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN reached the logged losses
+
+
+def test_a_nan_on_the_last_stage_stops_every_stage_before_the_update(work):
+    """PP=2: the loss lives on the last stage (rank 1); the first stage learns of it in the step's
+    one collective, before DeepSpeed reduces or applies anything."""
+    res, rows = _run(work, "stop-pp2", "nan:1:3", "parallel.pp=2", "model.depth=2")
+    log = res.stdout + res.stderr
+    assert res.returncode != 0, log[-3000:]
+    assert log.count("step 3: non-finite loss on at least one rank (train.nonfinite=stop): stopping") >= 4, log[-3000:]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    status = json.loads((work / "runs" / "stop-pp2" / "status.json").read_text())
+    assert status["state"] == "nonfinite" and status["step"] == 2 and status["checkpoint"].endswith("step-00000002")
