@@ -1,8 +1,8 @@
 """Pipeline parallelism (``parallel.pp``) against the single process: the decoder LM at PP=2,
 PP=2 x DP=2 and PP=2 x TP=2 (sequence parallel and full recomputation inside the stages), tied and
 untied head; the encoder-decoder at PP=2 (one stage per tower; also with a wider encoder) and PP=4
-(two stages per tower, the encoder output passed through a decoder stage). Each run takes 6 real steps (``train_step`` on DeepSpeed's pipeline engine, fed by the
-real loader) and must give the single process's loss and gradient norm at every step within 1e-5
+(two stages per tower, the encoder output passed through a decoder stage). Each run takes 6 real
+steps (``train_step`` on DeepSpeed's pipeline engine, fed by the real loader) and must give the single process's loss and gradient norm at every step within 1e-5
 relative, and its weights after the last step (each stage's, sliced for TP), which an error in any
 gradient (the tied embedding's sum between first and last stage included) would move; and the
 whole model gathered from the stages (what samples are drawn from) holds those weights too. A PP=2 x
@@ -53,6 +53,11 @@ def _train(cfg, *, save: bool = False):
              for i in range(STEPS)]
     if save:  # the trainer's own save (collective), committed like every checkpoint
         save_checkpoint(run, STEPS)
+    from xft_dist.train.evaluate import evaluate  # validation through the pipeline (inference schedule)
+
+    held_out = [_held_out(cfg, seed) for seed in (1, 2)]  # whole global batches, the same on every rank
+    valid = evaluate(run.engine, run.model, held_out, groups=run.groups, micro_batch=cfg.train.micro_batch,
+                     device=run.device, byte_tokenizer=False)["valid/loss"]
     # the parameters themselves (their TP split marks), by their names in the whole model
     names = run.engine.module.model_names() if run.groups.pp_size > 1 else {}
     weights = {names.get(n, n): p for n, p in run.engine.module.named_parameters()}
@@ -64,7 +69,21 @@ def _train(cfg, *, save: bool = False):
             whole = {n: (p.detach().clone(), p) for n, p in model.named_parameters()}
     run.sinks.finish()
     run.engine.destroy()
-    return [s.loss for s in steps], [s.grad_norm for s in steps], weights, run.groups, whole
+    return [s.loss for s in steps] + [valid], [s.grad_norm for s in steps], weights, run.groups, whole
+
+
+def _held_out(cfg, seed: int):
+    """A global batch of random tokens in the run's mode (packed rows of two documents, or spans)."""
+    from xft_dist.data.batch import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    n, vocab = cfg.data.seq_len, 200
+    ids = torch.randint(1, vocab, (GLOBAL, n + 1), generator=g)
+    if cfg.data.mode == "span":
+        src = torch.randint(1, vocab, (GLOBAL, cfg.data.enc_len), generator=g)
+        return Batch.of("span", ids[:, :-1], ids[:, 1:], src=src, src_mask=torch.ones_like(src, dtype=torch.bool))
+    doc_ids = (torch.arange(n) >= n // 3).long().expand(GLOBAL, n).contiguous()
+    return Batch.of("packed", ids[:, :-1], ids[:, 1:], doc_ids=doc_ids)
 
 
 def _reference_path(tie: bool, enc_dim: int | None) -> Path:
@@ -99,7 +118,7 @@ def _compare(name: str, *, tie: bool = True, enc_dim: int | None = None, export:
     for name, w in weights.items():
         torch.testing.assert_close(w.detach(), tp_shard(ref["weights"][name], w, groups), rtol=1e-4, atol=1e-6,
                                    msg=lambda m: f"{what}: weight {name} after {STEPS} steps\n{m}")
-    assert min(losses[1:]) < losses[0], f"{what}: loss did not fall {losses}"
+    assert min(losses[1:STEPS]) < losses[0], f"{what}: loss did not fall {losses}"
 
 
 ONE, TWO, FOUR = CheckSet(world_size=1, timeout_s=300), CheckSet(world_size=2, timeout_s=400), \

@@ -83,8 +83,10 @@ def evaluate(forward, model: torch.nn.Module, batches: list[Batch], *, groups: P
     finally:
         model.train(was_training)
     acc = torch.cat([loss_sum[None], host_numbers([float(tokens)], device)])
-    if groups.pp_size > 1:  # the sums live on the last stage (its TP rank 0), the counts on every stage
-        acc = all_reduce(acc * host_numbers([1.0, float(groups.pp_rank == 0)], device), _world(groups))
+    if groups.pp_size > 1:  # the sums live on the last stage (its TP rank 0); the counts, from every
+        # rank alike, are taken once per DP rank (the first stage's TP rank 0)
+        own_count = float(groups.pp_rank == 0 and groups.tp_rank == 0)
+        acc = all_reduce(acc * host_numbers([1.0, own_count], device), _world(groups))
     else:
         acc = all_reduce(acc, groups.dp_group)
     loss_sum, tokens = acc.tolist()
