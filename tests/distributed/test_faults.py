@@ -79,5 +79,6 @@ def test_killed_rank_makes_the_other_exit_promptly_naming_it(config):
         elapsed, outs = _wait_all(procs[:1], 20)
     assert procs[0].returncode == 3, outs[0][-2000:]
     assert elapsed < 20
-    want = "pretrain: rank 0 on hosta (10.231.2.1): lost contact with host hostb (10.231.2.2), ranks [1 (stage 0, tp 0, dp 1)]"
+    want = ("pretrain: rank 0 on hosta (10.231.2.1): lost contact with host hostb (10.231.2.2), "
+            "ranks [1 (stage 0, tp 0, dp 1)]")
     assert want in outs[0], outs[0][-2000:]

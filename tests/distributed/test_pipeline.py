@@ -1,13 +1,16 @@
 """Pipeline parallelism (``parallel.pp``) against the single process: the decoder LM at PP=2,
 PP=2 x DP=2 and PP=2 x TP=2 (sequence parallel and full recomputation inside the stages), tied and
 untied head; the encoder-decoder at PP=2 (one stage per tower; also with a wider encoder) and PP=4
-(two stages per tower, the encoder output passed through a decoder stage). Each run takes 6 real
-steps (``train_step`` on DeepSpeed's pipeline engine, fed by the real loader) and must give the single process's loss and gradient norm at every step within 1e-5
-relative, and its weights after the last step (each stage's, sliced for TP), which an error in any
-gradient (the tied embedding's sum between first and last stage included) would move; and the
-whole model gathered from the stages (what samples are drawn from) holds those weights too. A PP=2 x
-TP=2 checkpoint and an encoder-decoder PP=2 one, saved by the trainer, consolidate (what every
-export reads) to the single process's weights."""
+(two stages per tower, the encoder output passed through a decoder stage).
+
+Each run takes 6 real steps (``train_step`` on DeepSpeed's pipeline engine, fed by the real
+loader) and must give the single process's loss and gradient norm at every step within 1e-5
+relative, its validation loss (``evaluate`` through the pipeline) on two held-out global batches,
+and its weights after the last step (each stage's, sliced for TP), which an error in any gradient
+(the tied embedding's sum over the stages that hold it included) would move. The whole model
+gathered from the stages (what samples are drawn from) holds those weights too. A PP=2 x TP=2
+checkpoint and an encoder-decoder PP=2 one, saved by the trainer, consolidate (what every export
+reads) to the single process's weights."""
 
 from __future__ import annotations
 

@@ -55,8 +55,9 @@ def read_checkpoint_config(ckpt: str | Path):
 
 
 def _zero_fp32_states(ckpt: Path, tp: int) -> list[dict]:
-    """Each model-parallel (TP, or stage x TP) rank's fp32 master weights from its ZeRO partitions (stages 1-3), by DeepSpeed's
-    ``zero_to_fp32`` run on a view of the checkpoint holding that rank's files only."""
+    """Each model-parallel (TP, or stage x TP) rank's fp32 master weights from its ZeRO partitions
+    (stages 1-3), by DeepSpeed's ``zero_to_fp32`` run on a view of the checkpoint holding that
+    rank's files only."""
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's import logs to stdout: keep it for results
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -253,8 +253,9 @@ def _staged_model_class():
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
         def stages_holding_embedding(self) -> list[int]:
+            specs, parts = self._layer_specs, self.parts
             return [s for s in range(self.num_stages)
-                    if any(_token_emb(layer) is not None for layer in self._layer_specs[self.parts[s]:self.parts[s + 1]])]
+                    if any(_token_emb(layer) is not None for layer in specs[parts[s]:parts[s + 1]])]
 
         def forward(self, x):
             self.feed.advance()

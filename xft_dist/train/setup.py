@@ -144,8 +144,8 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
 
     world = None
     if upto != "model" or env.world_size > 1:
-        world = init_world(env, tp=cfg.parallel.tp, pp=cfg.parallel.pp, backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s,
-                           device=rank_device(env, kind))
+        world = init_world(env, tp=cfg.parallel.tp, pp=cfg.parallel.pp, backend=cfg.parallel.backend,
+                           timeout_s=cfg.parallel.timeout_s, device=rank_device(env, kind))
         groups, run_device = world.groups, world.device
         if groups.rank == 0:
             log.info("layout: pp %d x dp %d x tp %d; ranks: %s", groups.pp_size, groups.dp_size, groups.tp_size,
