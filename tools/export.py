@@ -34,20 +34,33 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run directory, its checkpoints/ directory or one checkpoint")
-    p.add_argument("--to", choices=["fp32", "x-transformers"], required=True,
-                   help="fp32: our names, one file; x-transformers: their names + FILE.json constructor call")
+    p.add_argument("--to", choices=["fp32", "x-transformers", "hf"], required=True,
+                   help="fp32: our names, one file; x-transformers: their names + FILE.json constructor call; "
+                        "hf: a transformers save_pretrained directory")
+    p.add_argument("--format", choices=["torch", "safetensors"], default="torch",
+                   help="--to fp32: a torch.save file (weights and config) or a .safetensors file (weights, the "
+                        "config and vocabulary as its metadata)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", required=True, help="output file (--to hf: a directory)")
     a = p.parse_args(argv)
     try:
         if a.to == "fp32":
-            info = export_fp32(a.run, a.out, dtype=DTYPES[a.dtype])
+            info = export_fp32(a.run, a.out, dtype=DTYPES[a.dtype], fmt=a.format)
+        elif a.to == "hf":
+            from xft_dist.ckpt.hf import export_hf
+
+            info = export_hf(a.run, a.out, dtype=DTYPES[a.dtype])
         else:
             info = export_xtransformers(a.run, a.out, dtype=DTYPES[a.dtype])
     except (ValueError, FileNotFoundError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}: {info['checkpoint']} (step {info['step']}), {a.dtype}")
+    if a.to == "hf":
+        print(f"wrote {a.out}/: {info['class']} (config.json, model.safetensors, generation_config.json"
+              + "".join(f", {f}" for f in info["tokenizer"]) + ")")
+        print(f"check: AutoModelForCausalLM.from_pretrained: max |logit difference| vs ours on a probe batch = "
+              f"{info['max_abs_diff']:.3g}; greedy continuations {'equal' if info['greedy_equal'] else 'DIFFER'}")
     if a.to == "x-transformers":
         print(f"wrote {info['json']}: {info['spec']['class']}(...)")
         diff = info["max_abs_diff"]

@@ -264,10 +264,11 @@ def load_checkpoint_model(path: str | Path, *, device: str | torch.device = "cpu
 EXPORT_FORMAT = "xft_dist-export/1"
 
 
-def export_fp32(path: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32) -> dict:
+def export_fp32(path: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32, fmt: str = "torch") -> dict:
     """One file holding the consolidated weights of a run's newest complete checkpoint (any TP
     size, any ZeRO stage) in ``dtype``, with the model config: ``load_exported`` rebuilds the model.
-    Returns what it wrote, less the weights."""
+    ``fmt="safetensors"``: a ``.safetensors`` file, the rest as its string metadata. Returns what it
+    wrote, less the weights."""
     ckpt = resolve_checkpoint(path)
     data = consolidate(ckpt)
     _, shared = _read(ckpt)
@@ -277,14 +278,38 @@ def export_fp32(path: str | Path, out: str | Path, *, dtype: torch.dtype = torch
                "step": data["step"], "tokenizer": json.dumps(shared.get("tokenizer")), "dtype": str(dtype)}
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        meta = {k: str(v) if not isinstance(v, str) else v for k, v in payload.items() if k != "model"}
+        # one tensor per name: a shared parameter's aliases are stored once each (safetensors keeps no views)
+        save_file({k: v.contiguous().clone() for k, v in payload["model"].items()}, str(tmp), metadata=meta)
+    else:
+        torch.save(payload, tmp)
     tmp.replace(out)
     return {k: v for k, v in payload.items() if k != "model"} | {"checkpoint": str(ckpt)}
 
 
+def _read_export(path: Path) -> dict:
+    """An ``export_fp32`` file, torch or safetensors (by its first bytes: a torch file is a zip)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        model = {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("num_tokens", "pad_id", "step"):
+        if key in meta:
+            meta[key] = int(meta[key])
+    return {**meta, "model": model}
+
+
 def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The single-process model (TP=1, eval mode) of an ``export_fp32`` file, in its dtype."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = _read_export(Path(path))
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: not an xft_dist export ({EXPORT_FORMAT}); tools/export.py writes them")
     cfg = at_tp1(validate(yaml.safe_load(data["config"]), f"{path} (config)"))
