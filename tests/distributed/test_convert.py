@@ -212,3 +212,33 @@ def test_incomplete_checkpoints_are_refused(tmp_path):
     ckpt.mkdir()
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         consolidate(ckpt)
+
+
+HF_CLASSES = {"decoder-zero3": "GPTNeoXForCausalLM", "xt_tied": "LlamaForCausalLM", "xt_untied": "GPT2LMHeadModel"}
+
+
+@pytest.mark.parametrize("run", sorted(HF_CLASSES))
+def test_export_to_hf_reproduces_tp2_zero3_logits_and_greedy_continuation(trained, run, tmp_path):
+    """Our default architecture (GPT-NeoX), a Llama-style one (RMSNorm, SwiGLU, GQA) and learned
+    positions (GPT-2), trained at TP=2 under ZeRO-3: AutoModelForCausalLM gives the TP=2 model's logits."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / run), "--to", "hf",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{HF_CLASSES[run]} (config.json, model.safetensors, generation_config.json" in res.stdout, res.stdout
+    assert "greedy continuations equal" in res.stdout, res.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(model).__name__ == HF_CLASSES[run]
+    probe = torch.load(trained / run / "probe.pt", weights_only=False)
+    with torch.no_grad():
+        logits = model(probe["tgt"]).logits
+    vocab = logits.shape[-1]
+    torch.testing.assert_close(logits, probe["logits"][..., :vocab], rtol=1e-4, atol=1e-4)
+
+
+def test_export_to_hf_refuses_the_encoder_decoder_by_name(trained, tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / "encoder_decoder-zero3"),
+                          "--to", "hf", "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "model.kind=encoder_decoder: no transformers class" in res.stderr, res.stderr
+    assert not (tmp_path / "hf").exists()

@@ -162,13 +162,13 @@ def hf_state_dict(ours: dict, cfg, arch: str) -> dict[str, torch.Tensor]:
                 "lm_head.weight": head}
     elif arch == "gpt_neox":
         out |= {"gpt_neox.embed_in.weight": ours["net.token_emb.weight"], "gpt_neox.final_layer_norm.weight": final[0],
-                "gpt_neox.final_layer_norm.bias": final[1], "embed_out.weight": head}
+                "gpt_neox.final_layer_norm.bias": final[1], "lm_head.weight": head}
     else:
         out |= {"transformer.wte.weight": ours["net.token_emb.weight"], "transformer.wpe.weight":
                 ours["net.pos_emb.emb.weight"], "transformer.ln_f.weight": final[0], "transformer.ln_f.bias": final[1],
                 "lm_head.weight": head}
     if m.tie_embedding:  # tied in config.json: one tensor in the file
-        out.pop({"llama": "lm_head.weight", "gpt_neox": "embed_out.weight", "gpt2": "lm_head.weight"}[arch])
+        out.pop("lm_head.weight")
     return {k: v.contiguous() for k, v in out.items()}
 
 
