@@ -25,6 +25,9 @@ VARIANTS = {
     "llama GQA untied, own head width": ({**LLAMA, "kv_heads": 2, "dim_head": 12, "tie_embedding": False},
                                          "llama"),
     "llama tied": ({**LLAMA, "norm_eps": 1e-6}, "llama"),
+    "llama 3 style: no feed-forward bias, rotary base 500000": ({**LLAMA, "ff_bias": False, "rotary_theta": 5e5},
+                                                               "llama"),
+    "gpt_neox without feed-forward bias": ({"ff_bias": False}, "gpt_neox"),
     "gpt2 learned positions": ({"rotary_pos_emb": False}, "gpt2"),
 }
 

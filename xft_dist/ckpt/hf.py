@@ -5,8 +5,9 @@ computes exactly what our decoder LM computes.
 no class expresses (``NotExportable``); nothing is approximated:
 
 - ``llama`` (``LlamaForCausalLM``): rotary, RMSNorm (its epsilon inside the square root, as ours),
-  a SwiGLU feed-forward (``model.ff_glu`` + ``model.ff_swish``; our feed-forward biases as
-  ``mlp_bias``), any ``dim_head`` and grouped-query attention, tied or untied head;
+  a SwiGLU feed-forward (``model.ff_glu`` + ``model.ff_swish``; ``model.ff_bias`` as
+  ``mlp_bias``), any ``dim_head``, grouped-query attention and rotary base (``model.rotary_theta``),
+  tied or untied head;
 - ``gpt_neox`` (``GPTNeoXForCausalLM``, our default architecture): rotary over whole heads
   (``partial_rotary_factor`` 1), LayerNorm (a bias-free one exported with zero biases), GELU,
   sequential residuals (``use_parallel_residual: false``), no attention biases, ``dim_head = dim /
@@ -98,19 +99,25 @@ def hf_config(cfg, arch: str, *, num_tokens: int, eos_id: int | None, pad_id: in
             vocab_size=num_tokens, hidden_size=m.dim, intermediate_size=inner, num_hidden_layers=m.depth,
             num_attention_heads=m.heads, num_key_value_heads=m.kv_heads or m.heads, head_dim=m.head_dim,
             hidden_act="silu", max_position_embeddings=cfg.data.seq_len, rms_norm_eps=m.norm_eps,
-            tie_word_embeddings=m.tie_embedding, attention_bias=False, mlp_bias=True, attention_dropout=0.0,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **ids)
+            tie_word_embeddings=m.tie_embedding, attention_bias=False, mlp_bias=m.ff_bias, attention_dropout=0.0,
+            rope_parameters={"rope_type": "default", "rope_theta": m.rotary_theta}, **ids)
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(
             vocab_size=num_tokens, hidden_size=m.dim, intermediate_size=inner, num_hidden_layers=m.depth,
             num_attention_heads=m.heads, hidden_act="gelu", max_position_embeddings=cfg.data.seq_len,
             layer_norm_eps=m.norm_eps, use_parallel_residual=False, attention_bias=False,
             tie_word_embeddings=m.tie_embedding, attention_dropout=0.0, hidden_dropout=0.0,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}, **ids)
+            rope_parameters={"rope_type": "default", "rope_theta": m.rotary_theta, "partial_rotary_factor": 1.0},
+            **ids)
     return transformers.GPT2Config(
         vocab_size=num_tokens, n_positions=cfg.data.seq_len, n_embd=m.dim, n_layer=m.depth, n_head=m.heads,
         n_inner=inner, activation_function="gelu", layer_norm_epsilon=m.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, tie_word_embeddings=m.tie_embedding, **ids)
+
+
+def _bias(ours: dict, key: str, dim: int) -> torch.Tensor:
+    """A feed-forward bias, zeros where the model has none (the same function)."""
+    return ours.get(key, torch.zeros(dim))
 
 
 def _norm(ours: dict, key: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +129,7 @@ def _norm(ours: dict, key: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 def hf_state_dict(ours: dict, cfg, arch: str) -> dict[str, torch.Tensor]:
     """Our consolidated (TP=1) decoder LM state dict under the class's names."""
     m, out = cfg.model, {}
-    d, h, dh = m.dim, m.heads, m.head_dim
+    d, h, dh, inner = m.dim, m.heads, m.head_dim, int(m.dim * m.ff_mult)
     head = ours["net.token_emb.weight"] if m.tie_embedding else ours["net.to_logits.weight"]
     for i in range(m.depth):
         p = f"net.attn_layers.layers.{i}."
@@ -134,8 +141,9 @@ def hf_state_dict(ours: dict, cfg, arch: str) -> dict[str, torch.Tensor]:
                     t + "input_layernorm.weight": ours[p + "attn_norm.weight"],
                     t + "post_attention_layernorm.weight": ours[p + "ff_norm.weight"]}
             for theirs, mine in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-                out |= {t + f"mlp.{theirs}.weight": ours[p + f"ff.{mine}.weight"],
-                        t + f"mlp.{theirs}.bias": ours[p + f"ff.{mine}.bias"]}
+                out[t + f"mlp.{theirs}.weight"] = ours[p + f"ff.{mine}.weight"]
+                if m.ff_bias:
+                    out[t + f"mlp.{theirs}.bias"] = ours[p + f"ff.{mine}.bias"]
             continue
         ln1, ln2 = _norm(ours, p + "attn_norm", d), _norm(ours, p + "ff_norm", d)
         if arch == "gpt_neox":
@@ -145,17 +153,17 @@ def hf_state_dict(ours: dict, cfg, arch: str) -> dict[str, torch.Tensor]:
                     t + "input_layernorm.weight": ln1[0], t + "input_layernorm.bias": ln1[1],
                     t + "post_attention_layernorm.weight": ln2[0], t + "post_attention_layernorm.bias": ln2[1],
                     t + "mlp.dense_h_to_4h.weight": ours[p + "ff.up.weight"],
-                    t + "mlp.dense_h_to_4h.bias": ours[p + "ff.up.bias"],
+                    t + "mlp.dense_h_to_4h.bias": _bias(ours, p + "ff.up.bias", inner),
                     t + "mlp.dense_4h_to_h.weight": ours[p + "ff.down.weight"],
-                    t + "mlp.dense_4h_to_h.bias": ours[p + "ff.down.bias"]}
+                    t + "mlp.dense_4h_to_h.bias": _bias(ours, p + "ff.down.bias", d)}
             continue
         t = f"transformer.h.{i}."  # GPT-2: Conv1D weights are [in, out]
         out |= {t + "ln_1.weight": ln1[0], t + "ln_1.bias": ln1[1], t + "ln_2.weight": ln2[0], t + "ln_2.bias": ln2[1],
                 t + "attn.c_attn.weight": torch.cat([q, k, v]).t(), t + "attn.c_attn.bias": torch.zeros(3 * d),
                 t + "attn.c_proj.weight": o.t(), t + "attn.c_proj.bias": torch.zeros(d),
-                t + "mlp.c_fc.weight": ours[p + "ff.up.weight"].t(), t + "mlp.c_fc.bias": ours[p + "ff.up.bias"],
+                t + "mlp.c_fc.weight": ours[p + "ff.up.weight"].t(), t + "mlp.c_fc.bias": _bias(ours, p + "ff.up.bias", inner),
                 t + "mlp.c_proj.weight": ours[p + "ff.down.weight"].t(),
-                t + "mlp.c_proj.bias": ours[p + "ff.down.bias"]}
+                t + "mlp.c_proj.bias": _bias(ours, p + "ff.down.bias", d)}
     final = _norm(ours, "net.attn_layers.final_norm", d)
     if arch == "llama":
         out |= {"model.embed_tokens.weight": ours["net.token_emb.weight"], "model.norm.weight": final[0],

@@ -53,6 +53,8 @@ class NotExportable(ValueError):
 def unsupported_options(cfg) -> list[str]:
     """Each option of ``cfg.model`` that x-transformers cannot reproduce, as ``key=value: why``."""
     m, problems = cfg.model, []
+    if m.rotary_pos_emb and m.rotary_theta != 10000.0:
+        problems.append(f"model.rotary_theta={m.rotary_theta:g}: x-transformers' rotary base is 10000")
     if m.use_rmsnorm and m.norm_eps != 0:
         problems.append(f"model.norm_eps={m.norm_eps}: x-transformers' RMSNorm has no epsilon "
                         "(a model trained with model.norm_eps: 0 exports exactly)")
@@ -75,6 +77,8 @@ def _layer_kwargs(m, dim: int, depth: int, *, cross: bool = False) -> dict:
             kw["cross_attn_kv_heads"] = m.heads
     if m.rotary_pos_emb:
         kw["rotary_emb_dim"] = m.head_dim  # ours rotates whole heads; x-transformers' default is half
+    if not m.ff_bias:
+        kw["ff_no_bias"] = True
     return kw
 
 

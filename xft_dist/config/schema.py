@@ -38,6 +38,11 @@ class ModelSection(Section):
     norm_bias: bool = Field(True, description="LayerNorm with a bias; false: bias-free, as x-transformers' LayerNorm")
     norm_eps: float = Field(1e-5, ge=0, description="LayerNorm / RMSNorm epsilon (x-transformers' RMSNorm has none: 0)")
     rotary_pos_emb: bool = Field(True, description="rotary positions; false: learned absolute")
+    rotary_theta: float = Field(10000.0, gt=0, description="rotary base (Llama 3: 500000)")
+    ff_bias: bool = Field(True, description="feed-forward projections with biases (Llama: false)")
+    init_from: str | None = Field(
+        None, description="start from these weights: a Hugging Face directory (Llama, GPT-NeoX, GPT-2, --to hf "
+                          "output) or a tools/export.py --to fp32 file; unset model keys take its values")
     attn_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention probabilities")
     ff_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on feed-forward hidden units")
     tie_embedding: bool = Field(True, description="output head reuses the token embedding (decoder)")

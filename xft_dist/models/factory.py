@@ -21,7 +21,7 @@ def build_model(cfg: Config, groups: ParallelGroups, rng: RNGStreams | None, *, 
     m, loss = cfg.model, cfg.loss
     layer_kw = dict(attn_dim_head=m.head_dim, attn_kv_heads=m.kv_heads, ff_mult=m.ff_mult, ff_glu=m.ff_glu,
                     ff_swish=m.ff_swish, use_rmsnorm=m.use_rmsnorm, norm_bias=m.norm_bias, norm_eps=m.norm_eps,
-                    rotary_pos_emb=m.rotary_pos_emb,
+                    rotary_pos_emb=m.rotary_pos_emb, rotary_theta=m.rotary_theta, ff_no_bias=not m.ff_bias,
                     attn_dropout=m.attn_dropout, ff_dropout=m.ff_dropout,
                     activation_checkpointing=m.activation_checkpointing,
                     sequence_parallel=cfg.parallel.sequence_parallel)

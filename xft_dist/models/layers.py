@@ -27,7 +27,7 @@ class Block(nn.Module):
 
     def __init__(self, dim, *, heads, dim_head, kv_heads, causal, cross_attend, dim_context,
                  attn_dropout, ff_mult, ff_glu, ff_swish, ff_dropout, use_rmsnorm, attn_backend,
-                 group, rng, init, num_layers, norm_bias=True, norm_eps=1e-5, sequence_parallel=False,
+                 group, rng, init, num_layers, norm_bias=True, norm_eps=1e-5, ff_bias=True, sequence_parallel=False,
                  recompute_core=False):
         super().__init__()
         attn_kw = dict(heads=heads, dim_head=dim_head, dropout=attn_dropout, group=group, rng=rng,
@@ -42,7 +42,7 @@ class Block(nn.Module):
         else:
             self.cross_norm = self.cross_attn = None
         self.ff_norm = make_norm(dim, **norm)
-        self.ff = FeedForward(dim, mult=ff_mult, glu=ff_glu, swish=ff_swish, dropout=ff_dropout,
+        self.ff = FeedForward(dim, mult=ff_mult, glu=ff_glu, swish=ff_swish, dropout=ff_dropout, bias=ff_bias,
                               group=group, rng=rng, init=init, num_layers=num_layers,
                               sequence_parallel=sequence_parallel)
 
@@ -71,6 +71,7 @@ class AttentionLayers(nn.Module):
     and returns full ``[b, n, dim]``, splits on entry and all-gathers on exit. Calls whose length
     does not divide by TP, and cached decoding, run without it (same results).
     ``rng`` (from ``xft_dist.parallel.seed_all``) is required for dropout at TP > 1.
+    ``ff_no_bias=True`` (x-transformers' name): feed-forward projections without biases.
     ``norm_bias=False``: LayerNorms without a bias (x-transformers' LayerNorm); ``norm_eps``: the
     norms' epsilon (x-transformers' RMSNorm has none, i.e. 0).
     ``init``: a scheme name (``normal``, ``small_init``, ``xtransformers``) or an ``InitScheme``
@@ -95,6 +96,7 @@ class AttentionLayers(nn.Module):
         ff_dropout: float = 0.0,
         use_rmsnorm: bool = False,
         norm_bias: bool = True,
+        ff_no_bias: bool = False,
         norm_eps: float = 1e-5,
         rotary_pos_emb: bool = True,
         rotary_emb_dim: int | None = None,
@@ -133,7 +135,8 @@ class AttentionLayers(nn.Module):
                   cross_attend=cross_attend, dim_context=cross_attn_dim_context, attn_dropout=attn_dropout,
                   ff_mult=ff_mult, ff_glu=ff_glu, ff_swish=ff_swish, ff_dropout=ff_dropout,
                   use_rmsnorm=use_rmsnorm, attn_backend=attn_backend, group=self.groups.tp_group, rng=rng,
-                  init=self.init, num_layers=depth, norm_bias=norm_bias, norm_eps=norm_eps, sequence_parallel=sp,
+                  init=self.init, num_layers=depth, norm_bias=norm_bias, norm_eps=norm_eps, ff_bias=not ff_no_bias,
+                  sequence_parallel=sp,
                   recompute_core=activation_checkpointing == "selective")
             for _ in range(depth)
         )
