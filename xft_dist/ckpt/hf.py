@@ -161,7 +161,8 @@ def hf_state_dict(ours: dict, cfg, arch: str) -> dict[str, torch.Tensor]:
         out |= {t + "ln_1.weight": ln1[0], t + "ln_1.bias": ln1[1], t + "ln_2.weight": ln2[0], t + "ln_2.bias": ln2[1],
                 t + "attn.c_attn.weight": torch.cat([q, k, v]).t(), t + "attn.c_attn.bias": torch.zeros(3 * d),
                 t + "attn.c_proj.weight": o.t(), t + "attn.c_proj.bias": torch.zeros(d),
-                t + "mlp.c_fc.weight": ours[p + "ff.up.weight"].t(), t + "mlp.c_fc.bias": _bias(ours, p + "ff.up.bias", inner),
+                t + "mlp.c_fc.weight": ours[p + "ff.up.weight"].t(),
+                t + "mlp.c_fc.bias": _bias(ours, p + "ff.up.bias", inner),
                 t + "mlp.c_proj.weight": ours[p + "ff.down.weight"].t(),
                 t + "mlp.c_proj.bias": _bias(ours, p + "ff.down.bias", d)}
     final = _norm(ours, "net.attn_layers.final_norm", d)
