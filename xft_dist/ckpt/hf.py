@@ -236,7 +236,7 @@ def _write_tokenizer(tok: dict, cfg, out: Path) -> list[str]:
 @torch.no_grad()
 def check_hf(directory: Path, ckpt: Path, *, seed: int = 0) -> dict:
     """Our model and ``AutoModelForCausalLM.from_pretrained(directory)`` on a probe batch: the largest
-    logit difference and whether greedy continuations of 8 tokens agree."""
+    logit difference and whether greedy continuations of 8 tokens agree (``greedy_agrees``)."""
     from transformers import AutoModelForCausalLM
 
     from .convert import load_checkpoint_model
@@ -247,7 +247,18 @@ def check_hf(directory: Path, ckpt: Path, *, seed: int = 0) -> dict:
     n = min(16, cfg.data.seq_len // 2)
     ids = torch.randint(0, shared["num_tokens"], (2, n), generator=g)
     diff = (ours.net(ids, gather_logits=True).float() - theirs(ids).logits.float()).abs().max().item()
-    mine = ours.generate(ids, 8, temperature=0.0, cache_kv=True)
-    hf = theirs.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                         pad_token_id=shared["pad_id"], eos_token_id=None)[:, n:]
-    return {"max_abs_diff": diff, "greedy_equal": bool(torch.equal(mine, hf))}
+    return {"max_abs_diff": diff, "greedy_equal": greedy_agrees(ours, theirs, ids)}
+
+
+def greedy_agrees(ours, theirs, ids: torch.Tensor, *, new: int = 8, tie: float = 1e-4) -> bool:
+    """Whether greedy decoding (a full forward per token, on both sides) gives the same tokens: at each
+    step ``theirs``' pick is our argmax up to logits within ``tie`` of the maximum (a random model's
+    logits lie close together; cached decoding is held to the full forward by our own tests)."""
+    seq = ids
+    for _ in range(new):
+        mine = ours.net(seq, gather_logits=True)[:, -1].float()
+        pick = theirs(seq).logits[:, -1].argmax(-1)
+        if not bool((mine.max(-1).values - mine.gather(-1, pick[:, None]).squeeze(-1) <= tie).all()):
+            return False
+        seq = torch.cat([seq, pick[:, None]], dim=1)
+    return True

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..ckpt import CheckpointManager
+from ..ckpt.init_from import load_init_weights, resolve_init_from
 from ..config import Config, ConfigError, batch_split, check_precision, dump_config
 from ..data import DataError, LoaderConfig, Manifest, Mixture, Source, StreamingLoader, num_sentinels
 from ..models.compile import compile_blocks
@@ -129,6 +130,7 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     """
     if upto not in STAGES:
         raise ValueError(f"upto={upto!r}: expected one of {STAGES}")
+    cfg = resolve_init_from(cfg)  # model.init_from: the source's architecture (refused where it conflicts)
     env = env or DistEnv.from_environ()
     kind = accelerator()
     manifest = None
@@ -160,6 +162,10 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     streams = seed_all(cfg.train.seed, tp_rank=groups.tp_rank)
     with torch.device(device) if device is not None and world is None else contextlib.nullcontext():
         model = build_model(cfg, groups, streams, num_tokens=vocab.num_tokens, pad_id=vocab.pad_id)
+    if cfg.model.init_from is not None and upto != "model" and plan is None:  # a resumed run: its checkpoint
+        load_init_weights(model, cfg, groups)
+        if groups.rank == 0:
+            log.info("model.init_from: weights of %s (step 0, fresh optimizer)", cfg.model.init_from)
     run = Run(cfg=cfg, env=env, device=run_device, groups=groups, streams=streams, vocab=vocab, model=model,
               world=world)
     if upto == "model":
