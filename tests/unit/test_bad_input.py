@@ -165,3 +165,51 @@ def test_fewer_micro_batches_than_stages_warns_with_the_bubble(trained, caplog):
         static_checks(cfg, env, "cpu")
     assert "parallel.pp=2 with 1 micro-batches per step" in caplog.text, caplog.text
     assert "idles each stage 50 %" in caplog.text, caplog.text
+
+
+def _tiny_llama(out, **overrides):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               tie_word_embeddings=True) | overrides
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(out)
+    return out
+
+
+def test_init_from_bad_sources_are_refused_naming_file_and_key(trained, tmp_path, monkeypatch, capsys):
+    """An unsupported class, a config.json that disagrees with its weights, a vocabulary smaller than
+    the shards', and a run config that disagrees with the source: exit 2 before any process group."""
+    path, run = trained
+    base = yaml.safe_load(path.read_text())
+    base.pop("model")
+    base["run"] = {"name": "from-hf", "out_dir": str(tmp_path / "runs")}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(base))
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"],
+                                                  "vocab_size": 300}))
+    mismatched = _tiny_llama(tmp_path / "mismatched")
+    conf = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps(conf | {"intermediate_size": 96}))
+    small = _tiny_llama(tmp_path / "small", vocab_size=100)
+    good = _tiny_llama(tmp_path / "good")
+    cases = [
+        ([f"model.init_from={bert}"], f"{bert}/config.json: model_type: 'bert' (BertForMaskedLM): expected a Llama"),
+        ([f"model.init_from={mismatched}"], f"model.init_from: {mismatched}: net.attn_layers.layers.0.ff.up.weight: "
+                                            "shape (64, 32), but config.json makes the model's (96, 32)"),
+        ([f"model.init_from={small}"], "its vocabulary is too small for the shards"),
+        ([f"model.init_from={good}", "model.dim=64"], f"model.dim=64 in the run's config, 32 in {good}/config.json"),
+    ]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                 "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(k, v)
+    for overrides, words in cases:
+        assert pretrain.main(["--config", str(cfg), *overrides]) == 2, overrides
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (overrides, err)
+    assert "vocab_size=259, larger than the model's vocabulary (100)" in _last_err(cfg, small, capsys)
+
+
+def _last_err(cfg, source, capsys):
+    pretrain.main(["--config", str(cfg), f"model.init_from={source}"])
+    return capsys.readouterr().err

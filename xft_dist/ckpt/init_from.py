@@ -167,7 +167,7 @@ def _take(theirs: dict, key: str, src: str) -> torch.Tensor:
 
 def _zero_bias(theirs: dict, key: str, src: str) -> None:
     t = theirs.get(key)
-    if t is not None and bool(t.ne(0).any()):
+    if t is not None and not t.is_meta and bool(t.ne(0).any()):
         raise _bad(src, key, "a nonzero attention bias: xft_dist attention projections have none")
 
 
@@ -265,3 +265,46 @@ def load_init_weights(model: torch.nn.Module, cfg, groups) -> None:
             raise _bad(src, name, f"shape {tuple(full[name].shape)}, the model's is {tuple(p.shape)} "
                                   "(config.json and the weights disagree?)")
         p.copy_(t)
+
+
+def _hf_shapes(directory: Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face directory's tensors as meta tensors (their shapes and dtypes, nothing read)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return {k: v.to("meta") for k, v in _hf_tensors(directory).items()}
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                out[key] = torch.empty(sf.get_slice(key).get_shape(), device="meta")
+    return out
+
+
+def check_init_shapes(cfg, num_tokens: int) -> None:
+    """Before any process group exists: every weight the run's model needs is in the source, with
+    the shape config.json implies (a Hugging Face directory; our exports are consistent by
+    construction). Raises ``ConfigError`` naming the file and tensor."""
+    p = Path(cfg.model.init_from)
+    if not p.is_dir():
+        return
+    from ..models.factory import build_model
+    from ..parallel import ParallelGroups
+
+    model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    full = hf_to_ours(_hf_shapes(p), cfg.model, model_type, str(p))
+    at_tp1 = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tp": 1, "pp": 1})})
+    with torch.device("meta"):
+        model = build_model(at_tp1, ParallelGroups.single(), None, num_tokens=num_tokens, pad_id=0)
+    for name, param in model.named_parameters():
+        if name not in full:
+            raise _bad(str(p), name, "no such weights in the source (another architecture?)")
+        got, want = tuple(full[name].shape), tuple(param.shape)
+        if name in ("net.token_emb.weight", "net.to_logits.weight"):
+            want = (num_tokens, *want[1:])  # the model pads the vocabulary itself
+        if name == "net.pos_emb.emb.weight" and got[0] >= want[0]:
+            got = want
+        if got != want:
+            raise _bad(str(p), name, f"shape {got}, but config.json makes the model's {want} "
+                                     "(config.json and the weights disagree)")

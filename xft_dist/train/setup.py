@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..ckpt import CheckpointManager
-from ..ckpt.init_from import load_init_weights, resolve_init_from
+from ..ckpt.init_from import check_init_shapes, load_init_weights, resolve_init_from
 from ..config import Config, ConfigError, batch_split, check_precision, dump_config
 from ..data import DataError, LoaderConfig, Manifest, Mixture, Source, StreamingLoader, num_sentinels
 from ..models.compile import compile_blocks
@@ -82,7 +82,15 @@ def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Mixture]
                           f"data.num_streams={cfg.data.num_streams}")
     manifest = data_mixture(cfg)
     if cfg.model.num_tokens is not None:
-        manifest.sources[0].manifest.check_vocab(cfg.model.num_tokens)
+        try:
+            manifest.sources[0].manifest.check_vocab(cfg.model.num_tokens)
+        except DataError as e:
+            if cfg.model.init_from is None:
+                raise
+            raise ConfigError(f"model.init_from={cfg.model.init_from!r}: its vocabulary is too small for the "
+                              f"shards: {e}") from None
+    if cfg.model.init_from is not None:
+        check_init_shapes(cfg, cfg.model.num_tokens or manifest.tokenizer["vocab_size"])
     from .evaluate import valid_manifest
 
     valid_manifest(cfg, manifest)  # present, and made with the training shards' tokenizer
