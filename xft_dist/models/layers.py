@@ -18,6 +18,7 @@ from ..nn.attention import KVCache
 from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams, gather_from_tp, group_size, scatter_to_tp
 from .cache import BlockCache, LayerIntermediates
+from .xt_options import LAYERS as XT_LAYERS
 
 
 class Block(nn.Module):
@@ -111,7 +112,7 @@ class AttentionLayers(nn.Module):
         **unsupported,
     ):
         super().__init__()
-        reject_unsupported(type(self).__name__, unsupported)
+        reject_unsupported(type(self).__name__, unsupported, XT_LAYERS)
         # attn_flash (x-transformers): fused kernels are always on here (SDPA / varlen / flash-attn);
         # False keeps them too (the results are the same up to rounding).
         del attn_flash
@@ -315,12 +316,21 @@ def _rows(positions: torch.Tensor, b: int) -> torch.Tensor:
     return positions.expand(b, -1) if positions.ndim == 1 else positions
 
 
-def reject_unsupported(where: str, kwargs: dict) -> None:
-    """x-transformers arguments this package does not implement fail loudly, never silently."""
-    if kwargs:
-        names = ", ".join(sorted(kwargs))
+def reject_unsupported(where: str, kwargs: dict, off: dict | None = None) -> None:
+    """x-transformers arguments this package does not implement fail loudly, never silently; those
+    in ``off`` (``models.xt_options``) pass when given at their off value, which changes nothing."""
+    off = off or {}
+    bad = {k: v for k, v in kwargs.items() if not (k in off and _same(v, off[k]))}
+    if bad:
+        names = ", ".join(f"{k}={v!r} (supported only at {off[k]!r})" if k in off else k
+                          for k, v in sorted(bad.items()))
         raise TypeError(f"{where}: argument(s) {names} not supported by xft_dist "
                         "(see docs/xtransformers.md for what is)")
+
+
+def _same(value, off) -> bool:
+    return value is off or (type(value) in (bool, int, float, str) and type(off) in (bool, int, float, str)
+                            and value == off and isinstance(value, bool) == isinstance(off, bool))
 
 
 class Encoder(AttentionLayers):

@@ -26,6 +26,8 @@ from ..nn.init import InitScheme
 from ..parallel import group_size
 from .cache import LayerIntermediates
 from .layers import AttentionLayers, reject_unsupported
+from .xt_options import AUTOREGRESSIVE as XT_AUTOREGRESSIVE
+from .xt_options import WRAPPER as XT_WRAPPER
 
 IGNORE = IGNORE_INDEX  # the ignore index of targets that must not count (a Batch's labels use it)
 
@@ -59,7 +61,7 @@ class TransformerWrapper(nn.Module):
         **unsupported,
     ):
         super().__init__()
-        reject_unsupported("TransformerWrapper", unsupported)
+        reject_unsupported("TransformerWrapper", unsupported, XT_WRAPPER)
         init = InitScheme.of(init) if init is not None else attn_layers.init
         self.attn_layers = attn_layers
         self.groups = attn_layers.groups
@@ -222,8 +224,10 @@ class AutoregressiveWrapper(nn.Module):
 
     def __init__(self, net: TransformerWrapper, *, pad_value: int | None = 0, ignore_index: int = -100,
                  mask_pad: bool = True, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 fused_loss: bool = False, loss_chunk_tokens: int | None = None, check_ids: bool = True):
+                 fused_loss: bool = False, loss_chunk_tokens: int | None = None, check_ids: bool = True,
+                 **unsupported):
         super().__init__()
+        reject_unsupported("AutoregressiveWrapper", unsupported, XT_AUTOREGRESSIVE)
         if net.return_only_embed:
             raise ValueError("AutoregressiveWrapper needs a net with an output head (not return_only_embed)")
         self.net, self.pad_value, self.ignore_index, self.mask_pad = net, pad_value, ignore_index, mask_pad

@@ -20,6 +20,7 @@ from ..parallel import ParallelGroups, RNGStreams
 from .encdec import EncoderDecoder
 from .layers import Decoder, Encoder, reject_unsupported
 from .wrappers import AutoregressiveWrapper, TransformerWrapper
+from .xt_options import LAYERS as XT_LAYERS
 
 _WRAPPER_KEYS = ("num_tokens", "max_seq_len", "emb_dropout", "use_abs_pos_emb", "emb_dim", "tie_embedding")
 
@@ -33,7 +34,7 @@ class XTransformer(EncoderDecoder):
                  groups: ParallelGroups | None = None, rng: RNGStreams | None = None, **kwargs):
         nn.Module.__init__(self)  # EncoderDecoder's parts, built from x-transformers' arguments
         enc, dec = _split("enc_", kwargs), _split("dec_", kwargs)
-        reject_unsupported("XTransformer", kwargs)
+        reject_unsupported("XTransformer", kwargs, XT_LAYERS)
         for side, kw in (("enc_", enc), ("dec_", dec)):
             if "dim" in kw:
                 raise ValueError(f"{side}dim: XTransformer takes one width for both sides, dim={dim}")
