@@ -123,3 +123,88 @@ def test_encoder_on_precomputed_embeddings_and_a_custom_head():
 def test_unsupported_arguments_are_named_not_ignored(build, name):
     with pytest.raises(TypeError, match=f"{name}.*not supported by xft_dist"):
         build()
+
+
+# x-transformers' documented API, as its README and its users write it (import swapped)
+
+def test_readme_decoder_lm_and_autoregressive_wrapper_with_list_prompts():
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=256, max_seq_len=64, attn_layers=Decoder(dim=64, depth=2, heads=4))
+    x = torch.randint(0, 256, (1, 64))
+    assert model(x).shape == (1, 64, 256)
+    model = AutoregressiveWrapper(model)
+    loss = model(torch.randint(0, 256, (2, 33)))
+    loss.backward()
+    out = model.generate(torch.randint(0, 256, (2, 4)), 8)
+    assert out.shape == (2, 8)
+    listed = model.generate([torch.randint(0, 256, (3,)), torch.randint(0, 256, (5,))], 6, temperature=0.0)
+    assert listed.shape == (2, 6)
+
+
+def test_kv_cache_with_cross_attention_gives_the_uncached_tokens():
+    torch.manual_seed(0)
+    model = AutoregressiveWrapper(TransformerWrapper(
+        num_tokens=50, max_seq_len=32, attn_layers=Decoder(dim=32, depth=2, heads=4, cross_attend=True)))
+    context = torch.randn(2, 7, 32)
+    start = torch.randint(0, 50, (2, 3))
+    cached = model.generate(start, 10, temperature=0.0, context=context, cache_kv=True)
+    uncached = model.generate(start, 10, temperature=0.0, context=context, cache_kv=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_beam_search_signature_one_beam_is_greedy_and_scores_are_log_probs():
+    torch.manual_seed(0)
+    model = AutoregressiveWrapper(TransformerWrapper(num_tokens=40, max_seq_len=64,
+                                                     attn_layers=Decoder(dim=32, depth=2, heads=4)))
+    prompt = torch.randint(0, 40, (2, 5))
+    assert torch.equal(model.beam_search(prompt, 6, beams=1), model.generate(prompt, 6, temperature=0.0))
+    best = model.beam_search(prompt, 6, beams=4)
+    beams, scores = model.beam_search(prompt, 6, beams=4, return_beams_and_scores=True)
+    assert best.shape == (2, 6) and beams.shape == (4, 2, 6) and scores.shape == (4, 2)
+    assert torch.equal(beams[0], best) and bool((scores[:-1] >= scores[1:]).all())
+    with torch.no_grad():  # a beam's score is the sum of its tokens' log-probabilities
+        seq = torch.cat([prompt, beams[1]], dim=1)
+        logp = model.net(seq[:, :-1]).log_softmax(-1)[:, 4:].gather(-1, beams[1][..., None]).sum((1, 2))
+    torch.testing.assert_close(logp, scores[1], rtol=1e-4, atol=1e-4)
+    single = model.beam_search(prompt[0], 6, beams=4)  # a 1-D prompt: no batch dimension, as x-transformers
+    assert single.shape == (6,) and torch.equal(single, best[0])
+
+
+@pytest.mark.parametrize("layers", [Decoder, Encoder])
+def test_cache_fed_only_the_new_positions_equals_the_parallel_forward(layers):
+    torch.manual_seed(0)
+    stack = layers(dim=32, depth=2, heads=4, rotary_pos_emb=True).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        whole = stack(x)
+        if layers is Encoder:  # bidirectional: only the first call's positions compare
+            out, cache = stack(x, return_hiddens=True)
+            torch.testing.assert_close(out, whole)
+            return
+        out, cache = stack(x[:, :4], return_hiddens=True)
+        outs = [out]
+        for i in range(4, 9):
+            out, cache = stack(x[:, i:i + 1], cache=cache, return_hiddens=True)
+            outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_float_token_ids_are_ids():
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=30, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4))
+    ids = torch.randint(0, 30, (2, 8))
+    torch.testing.assert_close(model(ids.float()), model(ids))
+    torch.testing.assert_close(AutoregressiveWrapper(model)(ids.float()), AutoregressiveWrapper(model)(ids))
+
+
+def test_xtransformers_options_at_their_off_values_are_accepted_and_refused_when_on():
+    layers = Decoder(dim=32, depth=1, heads=4, alibi_pos_bias=False, rel_pos_bias=False, use_scalenorm=False,
+                     attn_qk_norm=False, ff_relu_squared=False, macaron=False, pre_norm=True, shift_tokens=0)
+    model = TransformerWrapper(num_tokens=10, max_seq_len=8, attn_layers=layers, l2norm_embed=False,
+                               post_emb_norm=False, num_memory_tokens=None, emb_frac_gradient=1.0)
+    AutoregressiveWrapper(model, mask_prob=0.0, add_attn_z_loss=False)
+    for build, name in ((lambda: Decoder(dim=32, depth=1, attn_qk_norm=True), "attn_qk_norm=True"),
+                        (lambda: Decoder(dim=32, depth=1, pre_norm=False), "pre_norm=False"),
+                        (lambda: AutoregressiveWrapper(model, mask_prob=0.15), "mask_prob=0.15")):
+        with pytest.raises(TypeError, match=f"{name} .supported only at .*not supported by xft_dist"):
+            build()

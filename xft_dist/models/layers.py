@@ -162,6 +162,7 @@ class AttentionLayers(nn.Module):
         context_pos: torch.Tensor | None = None,
         cache: LayerIntermediates | None = None,
         return_hiddens: bool = False,
+        input_not_include_cache: bool = False,
         **unsupported,
     ):
         """``x [b, n, dim]`` -> ``[b, n, dim]``. ``mask [b, n]`` True for real tokens; ``doc_ids``
@@ -176,8 +177,10 @@ class AttentionLayers(nn.Module):
         ``return_hiddens=True`` returns ``(out, LayerIntermediates)`` with each block's input and
         the key/value caches; ``cache=`` (such an intermediates object) continues from them: ``x``
         and ``mask`` then cover the whole sequence so far, only the positions after
-        ``cache.cache_length`` are computed, and ``out`` holds those."""
-        reject_unsupported(type(self).__name__ + ".forward", unsupported)
+        ``cache.cache_length`` are computed, and ``out`` holds those. ``x`` may instead hold only the new
+        positions (x-transformers' way: ``input_not_include_cache=True``, or ``x`` no longer than the
+        cache); their rotary positions then continue from ``cache.cache_length``."""
+        reject_unsupported(type(self).__name__ + ".forward", unsupported, {"cache_age": 1, "seq_start_pos": None})
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected embeddings [b, n, {self.dim}], got {tuple(x.shape)}")
         if pos is not None:
@@ -188,11 +191,10 @@ class AttentionLayers(nn.Module):
         start = cache.cache_length if cache is not None else 0
         if caching and doc_ids is not None:
             raise ValueError("cache= / return_hiddens=True take one sequence per row: no doc_ids")
-        if cache is not None and x.shape[1] <= start:
-            raise ValueError(f"cache holds {start} positions and x has {x.shape[1]}: nothing new to compute")
+        new_only = cache is not None and (input_not_include_cache or x.shape[1] <= start)
         kw = self.layer_inputs(x.shape[0], x.shape[1], x.device, mask=mask, context=context, context_mask=context_mask,
                                doc_ids=doc_ids, positions=positions, doc_layout=doc_layout, context_pos=context_pos,
-                               start=start, caching=caching)
+                               start=start, caching=caching, new_only=new_only)
         if not caching:
             x = self.enter(x, kw)
             for i in range(self.depth):
@@ -200,7 +202,7 @@ class AttentionLayers(nn.Module):
             return self.finish(x, kw)
         inter = cache or LayerIntermediates(attn_cache=[
             BlockCache(cross_attn=KVCache() if layer.cross_attn is not None else None) for layer in self.layers])
-        x = x[:, start:]
+        x = x if new_only else x[:, start:]
         hiddens = []
         for key in ("doc_ids", "doc_layout", "split"):
             kw.pop(key)
@@ -213,7 +215,8 @@ class AttentionLayers(nn.Module):
         return out, inter
 
     def layer_inputs(self, b: int, n: int, device, *, mask=None, context=None, context_mask=None, doc_ids=None,
-                     positions=None, doc_layout=None, context_pos=None, start: int = 0, caching: bool = False) -> dict:
+                     positions=None, doc_layout=None, context_pos=None, start: int = 0, caching: bool = False,
+                     new_only: bool = False) -> dict:
         """What every block of a call takes besides ``x`` (rotary tables, document layout, context),
         made once per call (and once per micro-batch by a pipeline stage), and whether the call runs
         sequence-parallel (``"split"``)."""
@@ -221,13 +224,14 @@ class AttentionLayers(nn.Module):
         if self.rotary is not None:
             if positions is None:
                 positions = (document_positions(doc_ids) if doc_ids is not None
-                             else torch.arange(n, device=device).expand(b, -1))
-            rotary = self.rotary(_rows(positions, b)[:, start:])
+                             else torch.arange(start if new_only else 0, start + n if new_only else n,
+                                               device=device).expand(b, -1))
+            rotary = self.rotary(_rows(positions, b)[:, 0 if new_only else start:])
             if context_pos is not None:
                 context_rotary = self.rotary(_rows(context_pos, b))
         if doc_layout is None and doc_ids is not None and not caching:
             doc_ids, mask, doc_layout = self._documents(doc_ids, mask)
-        split = self._split_built and not caching and (n - start) % group_size(self.groups.tp_group) == 0
+        split = self._split_built and not caching and n % group_size(self.groups.tp_group) == 0
         return dict(mask=mask, context=context, context_mask=context_mask, doc_ids=doc_ids, rotary=rotary,
                     doc_layout=doc_layout, context_rotary=context_rotary, split=split)
 

@@ -141,6 +141,8 @@ class TransformerWrapper(nn.Module):
               token_emb_kwargs: dict | None = None) -> torch.Tensor:
         """The stack's input ``[b, n, dim]``: token ids embedded (or embeddings taken as they are),
         learned positions added, dropout, and the projection to the stack's width."""
+        if x.is_floating_point() and (x.ndim != 3 or x.shape[-1] != self.emb_dim):
+            x = x.long()  # token ids in a float tensor (x-transformers takes them): not [b, n, emb_dim] embeddings
         h = x if x.is_floating_point() else self.token_emb(x, **(token_emb_kwargs or {}))
         if self.pos_emb is not None:
             p = positions if positions is not None else torch.arange(h.shape[1], device=h.device)[None]
@@ -292,6 +294,8 @@ class AutoregressiveWrapper(nn.Module):
         engine) is ``loss_sums(batch)``."""
         if isinstance(x, Batch):
             return self.loss_sums(x)
+        if x.is_floating_point() and x.ndim == 2:
+            x = x.long()  # token ids in a float tensor, as x-transformers takes them
         inp, target = x[:, :-1], x[:, 1:]
         inp_mask = mask[:, :-1] if mask is not None else None
         doc = doc_ids[:, :-1] if doc_ids is not None else None
@@ -309,6 +313,27 @@ class AutoregressiveWrapper(nn.Module):
         if return_sums:
             return loss_sum, num_tokens
         return loss_sum / num_tokens.clamp(min=1.0)
+
+    def beam_search(self, prompts, seq_len: int, beams: int = 4, return_beams_and_scores: bool = False,
+                    eos_token: int | None = None, temperature: float = 1.0, stochastic: bool = False,
+                    prompt_lens: torch.Tensor | None = None, filter_logits_fn=None,
+                    restrict_to_max_seq_len: bool = True, filter_kwargs: dict | None = None, cache_kv: bool = True,
+                    **net_kwargs):
+        """``seq_len`` tokens after ``prompts`` by beam search over ``beams`` beams (x-transformers'
+        signature; see ``models/beam.py``): the best beam ``[b, seq_len]``, or ``(beams [beams, b,
+        seq_len], scores [beams, b])`` with ``return_beams_and_scores``. Deterministic beam search
+        only: ``eos_token`` (x-transformers has none either) and ``stochastic=True`` are refused;
+        ``temperature`` and the filters act only in stochastic search, so they are accepted and unused."""
+        from .beam import beam_search_tokens
+
+        if eos_token is not None:
+            raise ValueError("beam_search: eos_token is not supported (nor in x-transformers' beam search)")
+        if stochastic:
+            raise ValueError("beam_search: stochastic=True (Gumbel top-k sampling of beams) is not supported")
+        del temperature, filter_logits_fn, filter_kwargs, restrict_to_max_seq_len
+        pad = self.pad_value if self.pad_value is not None else 0
+        return beam_search_tokens(self.net, prompts, seq_len, beams=beams, pad_value=pad, prompt_lens=prompt_lens,
+                                  return_beams_and_scores=return_beams_and_scores, cache_kv=cache_kv, **net_kwargs)
 
     def generate(self, prompts, seq_len: int, eos_token: int | None = None, temperature: float = 1.0, *,
                  filter_logits_fn=None, filter_kwargs: dict | None = None, top_k: int | None = None,
