@@ -105,7 +105,9 @@ def _rank(rank: int, world: int, port: int, a, variant: dict, out) -> None:
         out.put(everyone)
     import torch.distributed as dist
 
-    dist.barrier()
+    from xft_dist.parallel import barrier
+
+    barrier()
     dist.destroy_process_group()
 
 

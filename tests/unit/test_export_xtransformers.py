@@ -83,7 +83,7 @@ def test_xtransformers_model_gives_our_logits(variant, tmp_path):
 
 
 @pytest.mark.parametrize("model, key", [
-    ({}, "model.norm_bias=true"),
+    ({"norm_bias": True}, "model.norm_bias=true"),
     ({"norm_bias": False, "norm_eps": 1e-6}, "model.norm_eps=1e-06"),
     ({"use_rmsnorm": True}, "model.norm_eps=1e-05"),
 ])
