@@ -2,11 +2,13 @@
 (GQA, untied head, no feed-forward bias, rotary base 500000) saved with ``save_pretrained`` starts a
 TP=2 run (ZeRO-1); after one step at learning rate 0 (the warmup's first), ``--to hf`` gives back a
 directory whose weights equal the original's and whose logits agree. A GPT-NeoX directory starts a
-TP=2 ZeRO-3 run the same way. The architecture comes from config.json (the run sets no model keys)."""
+TP=2 ZeRO-3 run the same way. The architecture comes from config.json (the run sets no model keys);
+a run that has its own checkpoint resumes from it even when the source is gone."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +96,9 @@ def test_llama_round_trip_through_a_tp2_run(work):
         assert key in resolved, (key, resolved)
     _export(work, "llama", work / "llama-back")
     _same_model(original, work / "llama-back")
+    shutil.rmtree(original)  # a run with its own checkpoint resumes from it and never reads the source again
+    res = _train(work, "llama", original, "parallel.tp=2", "train.steps=2")
+    assert "resumed from" in res.stdout + res.stderr and "model.init_from: weights of" not in res.stdout + res.stderr
 
 
 def test_gpt_neox_starts_a_tp2_zero3_run(work):

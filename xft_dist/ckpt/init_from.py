@@ -120,12 +120,20 @@ def source_model_keys(path: str) -> tuple[dict, str]:
     return keys, str(p)
 
 
-def resolve_init_from(cfg):
-    """``cfg`` with the source's architecture filled in; a conflicting key refused by name."""
+def resolve_init_from(cfg, checkpoint: Path | None = None):
+    """``cfg`` with the source's architecture filled in; a conflicting key refused by name. A run
+    that resumes (``checkpoint``) takes the architecture its checkpoint was written with and never
+    reads the source again (it may be gone)."""
     m = cfg.model
     if m.init_from is None:
         return cfg
-    keys, src = source_model_keys(m.init_from)
+    if checkpoint is not None:
+        import yaml
+
+        saved = (yaml.safe_load((Path(checkpoint) / "config.yaml").read_text()) or {}).get("model", {})
+        keys, src = {k: saved[k] for k in ARCH_KEYS if k in saved}, str(Path(checkpoint) / "config.yaml")
+    else:
+        keys, src = source_model_keys(m.init_from)
     set_by_run = m.model_fields_set
     update, conflicts = {}, []
     for key, value in keys.items():

@@ -35,8 +35,8 @@ class ModelSection(Section):
     ff_glu: bool = Field(False, description="gated feed-forward (GEGLU; SwiGLU with ff_swish)")
     ff_swish: bool = Field(False, description="SiLU instead of GELU")
     use_rmsnorm: bool = Field(False, description="RMSNorm instead of LayerNorm")
-    norm_bias: bool = Field(False, description="LayerNorm with a bias (GPT-NeoX's, GPT-2's); false (default): bias-free, "
-                                               "as x-transformers' LayerNorm, so the default exports everywhere")
+    norm_bias: bool = Field(False, description="LayerNorm with a bias (GPT-NeoX's, GPT-2's); false (default): "
+                                               "bias-free, as x-transformers': the default exports everywhere")
     norm_eps: float = Field(1e-5, ge=0, description="LayerNorm / RMSNorm epsilon (x-transformers' RMSNorm has none: 0)")
     rotary_pos_emb: bool = Field(True, description="rotary positions; false: learned absolute")
     rotary_theta: float = Field(10000.0, gt=0, description="rotary base (Llama 3: 500000)")

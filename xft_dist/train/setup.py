@@ -89,7 +89,7 @@ def static_checks(cfg: Config, env: DistEnv, device: str) -> tuple[int, Mixture]
                 raise
             raise ConfigError(f"model.init_from={cfg.model.init_from!r}: its vocabulary is too small for the "
                               f"shards: {e}") from None
-    if cfg.model.init_from is not None:
+    if cfg.model.init_from is not None and newest_checkpoint(cfg) is None:  # a resumed run never reads it
         check_init_shapes(cfg, cfg.model.num_tokens or manifest.tokenizer["vocab_size"])
     from .evaluate import valid_manifest
 
@@ -138,7 +138,8 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     """
     if upto not in STAGES:
         raise ValueError(f"upto={upto!r}: expected one of {STAGES}")
-    cfg = resolve_init_from(cfg)  # model.init_from: the source's architecture (refused where it conflicts)
+    # model.init_from: the source's architecture (refused where it conflicts); a resumed run's own
+    cfg = resolve_init_from(cfg, newest_checkpoint(cfg) if upto == "train" else None)
     env = env or DistEnv.from_environ()
     kind = accelerator()
     manifest = None
