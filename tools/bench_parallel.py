@@ -155,7 +155,9 @@ def _rank(rank: int, world: int, port: int, a, variant: dict, out) -> None:
         dist.destroy_process_group()
 
 
-def run_variant(a, variant: dict, world: int) -> dict:
+def run_variant(a, variant: dict, world: int, target=None) -> dict:
+    """``target(rank, world, port, a, variant, out)`` (default: this module's rank) in ``world``
+    fresh processes; what rank 0 puts in ``out``."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -163,7 +165,7 @@ def run_variant(a, variant: dict, world: int) -> dict:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, a, variant, out)) for r in range(world)]
+    procs = [ctx.Process(target=target or _rank, args=(r, world, port, a, variant, out)) for r in range(world)]
     for p in procs:
         p.start()
     result = out.get()

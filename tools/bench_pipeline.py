@@ -15,7 +15,6 @@ two ranks (DP=2).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import date
 
@@ -111,23 +110,10 @@ def _rank(rank: int, world: int, port: int, a, variant: dict, out) -> None:
     dist.destroy_process_group()
 
 
-def run_variant(a, variant: dict, world: int = 2) -> list[dict]:
-    import torch.multiprocessing as mp
+def run_variant(a, variant: dict) -> list[dict]:
+    from bench_parallel import run_variant as spawn  # tools/bench_parallel.py: fresh gloo processes
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, a, variant, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = out.get()
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"variant {variant}: a rank exited with {p.exitcode}")
-    return result
+    return spawn(a, variant, 2, target=_rank)
 
 
 def bench_pipeline(a) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .cache import LayerIntermediates
-from .generate import left_pad
+from .generate import left_pad, next_logits
 
 
 def reorder_cache(cache: LayerIntermediates, index: torch.Tensor) -> None:
@@ -50,13 +50,8 @@ def beam_search_tokens(net, prompts, seq_len: int, *, beams: int = 4, return_bea
     cache, scores = None, None
     try:
         for _ in range(seq_len):
-            positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-            kw = dict(mask=mask, positions=positions, gather_logits=True, **net_kwargs)
-            if cache_kv:
-                logits, cache = net(tokens, cache=cache, return_intermediates=True, **kw)
-            else:
-                logits = net(tokens, **kw)
-            logp = logits[:, -1].float().log_softmax(dim=-1)
+            logits, cache = next_logits(net, tokens, mask, cache, cache_kv=cache_kv, **net_kwargs)
+            logp = logits.log_softmax(dim=-1)
             vocab = logp.shape[-1]
             if scores is None:  # the first step: each prompt's top tokens start its beams
                 top = logp.topk(beams, dim=-1)

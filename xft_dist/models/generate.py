@@ -93,6 +93,18 @@ def left_pad(prompts, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+def next_logits(net, tokens: torch.Tensor, mask: torch.Tensor, cache, *, cache_kv: bool = True, **net_kwargs):
+    """``(fp32 logits of the next token [b, vocab], the cache)``: one decoding step over left-padded
+    ``tokens`` (each row's positions from its first real token), through the key/value cache."""
+    positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    kw = dict(mask=mask, positions=positions, gather_logits=True, **net_kwargs)
+    if cache_kv:
+        logits, cache = net(tokens, cache=cache, return_intermediates=True, **kw)
+    else:
+        logits = net(tokens, **kw)
+    return logits[:, -1].float(), cache
+
+
 def shared_generator(seed: int | None, device: torch.device, group) -> torch.Generator:
     """A generator seeded alike on every rank of the TP ``group`` (``seed=None``: drawn from
     torch's default generator, the largest draw across the group)."""
@@ -141,13 +153,7 @@ def sample_tokens(
     cache, done = None, torch.zeros(b, dtype=torch.bool, device=tokens.device)
     try:
         for _ in range(seq_len):
-            positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-            kw = dict(mask=mask, positions=positions, gather_logits=True, **net_kwargs)
-            if cache_kv:
-                logits, cache = net(tokens, cache=cache, return_intermediates=True, **kw)
-            else:
-                logits = net(tokens, **kw)
-            logits = logits[:, -1].float()
+            logits, cache = next_logits(net, tokens, mask, cache, cache_kv=cache_kv, **net_kwargs)
             if greedy:
                 nxt = logits.argmax(dim=-1)
             else:

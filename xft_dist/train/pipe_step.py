@@ -52,14 +52,9 @@ def _poison_gradients(engine) -> None:
 def pipeline_train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
                         step: int = 0, stop_requested: bool = False,
                         drop_update: Callable[[float], bool] | None = None):
-    from .step import NonFiniteLoss, StepResult, _world, host_numbers, split_micro_batches
+    from .step import NonFiniteLoss, StepResult, _world, step_inputs
 
-    micro = split_micro_batches(batch, micro_batch, engine.device)
-    if len(micro) != engine.gradient_accumulation_steps():
-        raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "
-                           f"{engine.gradient_accumulation_steps()}")
-    counts = all_reduce(host_numbers(batch.counts(), engine.device), groups.dp_group)
-    scale = (groups.dp_size * len(micro)) / counts[2].clamp(min=1.0)
+    micro, counts, scale = step_inputs(engine, batch, groups, micro_batch)
     feed = engine.module.feed
     feed.start(micro, scale)
     state: dict = {"dropped": False}

@@ -78,6 +78,18 @@ def host_numbers(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, pin_memory=pin).to(device, non_blocking=True)
 
 
+def step_inputs(engine, batch: Batch, groups: ParallelGroups, micro_batch: int):
+    """``(micro-batches on the device, counts, scale)``: the global batch's ``[positions, real
+    positions, loss tokens]`` (the batches' own counts, reduced over DP on the device) and the
+    factor ``dp x accumulation / N`` each micro-batch's loss sum is scaled by."""
+    micro = split_micro_batches(batch, micro_batch, engine.device)
+    if len(micro) != engine.gradient_accumulation_steps():
+        raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "
+                           f"{engine.gradient_accumulation_steps()}")
+    counts = all_reduce(host_numbers(batch.counts(), engine.device), groups.dp_group)
+    return micro, counts, (groups.dp_size * len(micro)) / counts[2].clamp(min=1.0)
+
+
 def _world(groups: ParallelGroups):
     """The default (world) group when there is one, else None (one process: no collective)."""
     import torch.distributed as dist
@@ -98,13 +110,7 @@ def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int
 
         return pipeline_train_step(engine, batch, groups=groups, micro_batch=micro_batch, nonfinite=nonfinite,
                                    step=step, stop_requested=stop_requested, drop_update=drop_update)
-    micro = split_micro_batches(batch, micro_batch, engine.device)
-    if len(micro) != engine.gradient_accumulation_steps():
-        raise RuntimeError(f"{len(micro)} micro-batches of {micro_batch} rows, but DeepSpeed accumulates "
-                           f"{engine.gradient_accumulation_steps()}")
-    # [positions, real positions, loss tokens] of the global batch: the batch's counts, reduced on the device
-    counts = all_reduce(host_numbers(batch.counts(), engine.device), groups.dp_group)
-    scale = (groups.dp_size * len(micro)) / counts[2].clamp(min=1.0)
+    micro, counts, scale = step_inputs(engine, batch, groups, micro_batch)
     device = counts.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     bad = torch.zeros((), dtype=torch.float64, device=device)
