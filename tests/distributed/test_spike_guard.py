@@ -21,7 +21,7 @@ STEPS = 12
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("spike")
     make_corpus(root / "shards", num_docs=400, shard_tokens=800)
-    cfg = {"model": {"dim": 32, "depth": 1, "heads": 2},
+    cfg = {"model": {"dim": 32, "depth": 2, "heads": 2},  # 2 layers: the pipeline case cuts them in two stages
            "data": {"shards": str(root / "shards"), "seq_len": 32, "num_streams": 2},
            "train": {"steps": STEPS, "global_batch": 4, "micro_batch": 2,
                      "spike": {"warmup": 3, "window": 20, "zscore": 6.0, "skip_batches": 3}},
@@ -75,8 +75,13 @@ def test_rollback_skips_the_batches_and_continues_like_a_run_that_never_saw_them
     assert logged_wandb == [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_skip_action_discards_the_update_like_a_run_that_never_saw_the_batch(work, logged):
-    log, rows = _run(work, "skip", "train.spike.action=skip", fault="spike:1:7:50")
+@pytest.fixture(scope="module")
+def skipped(work):
+    return _run(work, "skip", "train.spike.action=skip", fault="spike:1:7:50")
+
+
+def test_skip_action_discards_the_update_like_a_run_that_never_saw_the_batch(work, logged, skipped):
+    log, rows = skipped
     assert "step 7: loss spike: loss" in log and "update skipped" in log, log[-3000:]
     assert [r["step"] for r in rows if r.get("spike")] == [7]
     assert next(r for r in rows if r["step"] == 7)["spike/skipped"] == 1
@@ -92,15 +97,13 @@ def test_skip_action_discards_the_update_like_a_run_that_never_saw_the_batch(wor
         assert got[step] == pytest.approx(want[step - 1], rel=1e-6), (step, got, want)
 
 
-def test_skip_action_at_two_pipeline_stages_discards_the_update_as_data_parallel_does(work):
+def test_skip_action_at_two_pipeline_stages_discards_the_update_as_data_parallel_does(work, skipped):
     """The spike injected on the last stage's rank: every stage drops the update (NaN gradients into
     DeepSpeed's overflow check), and the run continues as the same run at PP=1 (DP=2) does."""
-    log, rows = _run(work, "skip-pp2", "train.spike.action=skip", "parallel.pp=2", "model.depth=2",
-                     fault="spike:1:7:50")
+    log, rows = _run(work, "skip-pp2", "train.spike.action=skip", "parallel.pp=2", fault="spike:1:7:50")
     assert "step 7: loss spike: loss" in log and "update skipped" in log, log[-3000:]
     assert [r["step"] for r in rows if r.get("spike")] == [7]
-    _, flat = _run(work, "skip-dp2", "train.spike.action=skip", "model.depth=2", fault="spike:1:7:50")
-    got, want = _last_losses(rows), _last_losses(flat)
+    got, want = _last_losses(rows), _last_losses(skipped[1])
     # step 7's spiked loss differs: at PP=2 rank 1 holds the whole batch's loss, at DP=2 half of it
     steps = [s for s in sorted(want) if s != 7]
     assert [got[s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5)
