@@ -38,7 +38,7 @@ def _train_save_and_probe(kind: str, zero: int, name: str | None = None, **model
     from xft_dist.config.load import validate
     from xft_dist.train.setup import VocabFacts, build_run
 
-    model_cfg = {"kind": kind, "dim": 32, "depth": 1, "heads": 2, "dim_head": 8, "enc_depth": 1, "enc_dim": 48}
+    model_cfg = {"kind": kind, "dim": 32, "depth": 1, "heads": 4, "dim_head": 8, "enc_depth": 1, "enc_dim": 48}
     model_cfg |= model_overrides
     data = {"shards": "unused", "seq_len": 12, "enc_len": 16, "mode": "span" if kind != "decoder" else "packed"}
     cfg = validate({"model": model_cfg, "data": data, "parallel": {"tp": 2, "zero_stage": zero},
