@@ -229,11 +229,17 @@ def test_export_to_hf_reproduces_tp2_zero3_logits_and_greedy_continuation(traine
     positions (GPT-2), trained at TP=2 under ZeRO-3: AutoModelForCausalLM gives the TP=2 model's logits."""
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / run), "--to", "hf",
-                          "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"{HF_CLASSES[run]} (config.json, model.safetensors, generation_config.json" in res.stdout, res.stdout
-    assert "greedy continuations equal" in res.stdout, res.stdout
+    if run == "decoder-zero3":  # the command line once; the others in process (the same function)
+        res = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(trained / run), "--to", "hf",
+                              "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"{HF_CLASSES[run]} (config.json, model.safetensors, generation_config.json" in res.stdout
+        assert "greedy continuations equal" in res.stdout, res.stdout
+    else:
+        from xft_dist.ckpt.hf import export_hf
+
+        info = export_hf(trained / run, out)
+        assert info["class"] == HF_CLASSES[run] and info["greedy_equal"] and info["max_abs_diff"] < 1e-4, info
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(model).__name__ == HF_CLASSES[run]
     probe = torch.load(trained / run / "probe.pt", weights_only=False)

@@ -86,3 +86,24 @@ def test_what_no_class_expresses_is_refused_by_name(case):
     with pytest.raises(NotExportable, match="no transformers equivalent") as e:
         hf_architecture(_cfg(**overrides))
     assert words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_init_from_a_saved_transformers_model_gives_its_logits(variant, tmp_path):
+    """``model.init_from``'s two halves in process: the architecture read from config.json (the run
+    sets no model keys) and the weights loaded into our model (TP=1), which then computes its logits."""
+    from xft_dist.ckpt.init_from import check_init_shapes, load_init_weights, resolve_init_from
+
+    overrides, arch = VARIANTS[variant]
+    cfg = _cfg(**overrides)
+    theirs = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, arch, num_tokens=VOCAB, eos_id=1,
+                                                                     pad_id=0)).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    run = validate({"model": {"init_from": str(tmp_path / "hf")}, "data": {"shards": "unused", "seq_len": 24}})
+    run = resolve_init_from(run)
+    check_init_shapes(run, VOCAB)
+    ours = build_model(run, ParallelGroups.single(), None, num_tokens=VOCAB, pad_id=0).eval()
+    load_init_weights(ours, run, ParallelGroups.single())
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.net(ids, gather_logits=True), theirs(ids).logits, rtol=1e-4, atol=1e-5)
