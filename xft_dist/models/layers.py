@@ -200,12 +200,15 @@ class AttentionLayers(nn.Module):
             for i in range(self.depth):
                 x = self.run_layer(i, x, kw)
             return self.finish(x, kw)
+        return self._cached(x if new_only else x[:, start:], kw, cache, start)
+
+    def _cached(self, x: torch.Tensor, kw: dict, cache: LayerIntermediates | None, start: int):
+        """``(out, intermediates)`` of the new positions ``x``, through the key/value caches of
+        ``cache`` (a fresh one when None), which then hold ``start + n`` positions."""
         inter = cache or LayerIntermediates(attn_cache=[
             BlockCache(cross_attn=KVCache() if layer.cross_attn is not None else None) for layer in self.layers])
-        x = x if new_only else x[:, start:]
+        kw = {k: v for k, v in kw.items() if k not in ("doc_ids", "doc_layout", "split")}
         hiddens = []
-        for key in ("doc_ids", "doc_layout", "split"):
-            kw.pop(key)
         for i, layer in enumerate(self.layers):
             hiddens.append(x)
             x = self._block(layer, x, unsplit=self._split_built, cache=inter.attn_cache[i], **kw)

@@ -280,16 +280,17 @@ def _staged_model_class():
             parameter in the whole model, for every stage."""
             return model_names(self._layer_specs, self._model)
 
-        def stage_owners(self) -> dict[str, int]:
-            """Each parameter of the whole model, by its name there, and the first stage holding it."""
-            names, owners = self.model_names(), {}
-            for stage in range(self.num_stages):
-                for index in range(self.parts[stage], self.parts[stage + 1]):
-                    for name, _ in self._layer_specs[index].named_parameters():
-                        owners.setdefault(names[f"{index}.{name}"], stage)
-            return owners
-
     return StagedModel
+
+
+def stage_owners(pipe) -> dict[str, int]:
+    """Each parameter of the whole model, by its name there, and the first stage holding it."""
+    names, owners = pipe.model_names(), {}
+    for stage in range(pipe.num_stages):
+        for index in range(pipe.parts[stage], pipe.parts[stage + 1]):
+            for name, _ in pipe._layer_specs[index].named_parameters():
+                owners.setdefault(names[f"{index}.{name}"], stage)
+    return owners
 
 
 def model_names(layers: list[nn.Module], model: nn.Module) -> dict[str, str]:
@@ -305,7 +306,7 @@ def whole_model(pipe, model: nn.Module, groups: ParallelGroups, device):
     afterwards the parameters of other stages go back where they were). Collective over the stages."""
     from ..parallel import broadcast
 
-    owners = pipe.stage_owners()
+    owners = stage_owners(pipe)
     moved = []
     with torch.no_grad():
         for name, p in model.named_parameters():

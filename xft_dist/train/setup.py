@@ -138,8 +138,9 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     """
     if upto not in STAGES:
         raise ValueError(f"upto={upto!r}: expected one of {STAGES}")
+    newest = newest_checkpoint(cfg) if upto == "train" else None
     # model.init_from: the source's architecture (refused where it conflicts); a resumed run's own
-    cfg = resolve_init_from(cfg, newest_checkpoint(cfg) if upto == "train" else None)
+    cfg = resolve_init_from(cfg, newest)
     env = env or DistEnv.from_environ()
     kind = accelerator()
     manifest = None
@@ -150,23 +151,8 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
     if upto == "train":  # before the world exists: a refusal leaves every rank alone and the run untouched
         check_paths(cfg)
         facts = {"tokenizer": manifest.tokenizer, "num_tokens": vocab.num_tokens}
-        newest = newest_checkpoint(cfg)
         plan = plan_resume(cfg, newest, world_size=env.world_size, **facts) if newest is not None else None
-
-    world = None
-    if upto != "model" or env.world_size > 1:
-        world = init_world(env, tp=cfg.parallel.tp, pp=cfg.parallel.pp, backend=cfg.parallel.backend,
-                           timeout_s=cfg.parallel.timeout_s, device=rank_device(env, kind))
-        groups, run_device = world.groups, world.device
-        if groups.rank == 0:
-            log.info("layout: pp %d x dp %d x tp %d; ranks: %s", groups.pp_size, groups.dp_size, groups.tp_size,
-                     "; ".join(f"{r} {r.host}" for r in world.table))
-    else:
-        if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-            key, n = ("parallel.tp", cfg.parallel.tp) if cfg.parallel.tp != 1 else ("parallel.pp", cfg.parallel.pp)
-            raise ConfigError(f"{key}={n} needs {n} ranks; one process builds TP=1, PP=1")
-        # one process, no world: the model is built where ``device`` says (the CPU by default)
-        groups, run_device = ParallelGroups.single(), torch.device(device or "cpu")
+    world, groups, run_device = _join(cfg, env, kind, device, world_needed=upto != "model")
     matmul_precision(run_device, allow_tf32=cfg.parallel.allow_tf32)
     streams = seed_all(cfg.train.seed, tp_rank=groups.tp_rank)
     with torch.device(device) if device is not None and world is None else contextlib.nullcontext():
@@ -193,6 +179,24 @@ def build_run(cfg: Config, env: DistEnv | None = None, *, upto: str = "train", v
         return run
     _attach_training(run, manifest, resume)
     return run
+
+
+def _join(cfg: Config, env: DistEnv, kind: str, device, *, world_needed: bool):
+    """``(world or None, groups, device)``: the distributed world (CUDA device, process group, PP x DP x
+    TP groups), or for one process without one the single groups and ``device`` (the CPU by default)."""
+    if world_needed or env.world_size > 1:
+        p = cfg.parallel
+        world = init_world(env, tp=p.tp, pp=p.pp, backend=p.backend, timeout_s=p.timeout_s,
+                           device=rank_device(env, kind))
+        groups = world.groups
+        if groups.rank == 0:
+            log.info("layout: pp %d x dp %d x tp %d; ranks: %s", groups.pp_size, groups.dp_size, groups.tp_size,
+                     "; ".join(f"{r} {r.host}" for r in world.table))
+        return world, groups, world.device
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
+        key, n = ("parallel.tp", cfg.parallel.tp) if cfg.parallel.tp != 1 else ("parallel.pp", cfg.parallel.pp)
+        raise ConfigError(f"{key}={n} needs {n} ranks; one process builds TP=1, PP=1")
+    return None, ParallelGroups.single(), torch.device(device or "cpu")
 
 
 def data_mixture(cfg: Config) -> Mixture:
