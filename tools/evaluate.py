@@ -4,8 +4,9 @@
     python tools/evaluate.py runs/tiny                       # the run's data.valid.shards
     python tools/evaluate.py runs/tiny --shards data/other/valid --batches 8
 
-Prints loss, perplexity and (byte tokenizer) bits per byte over the same fixed validation batches
-the trainer evaluates on (``data.valid``), so the numbers match its ``valid/*`` metrics.
+Prints loss, perplexity, (byte tokenizer) bits per byte and (masked LM) the masked-token accuracy
+over the same fixed validation batches the trainer evaluates on (``data.valid``), so the numbers
+match its ``valid/*`` metrics. A masked LM's loss is over the masked tokens only.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def main(argv=None) -> int:
     metrics = evaluate(model, model, batches, groups=ParallelGroups.single(), micro_batch=cfg.train.micro_batch,
                        device=device, byte_tokenizer=manifest.tokenizer.get("kind") == "byte")
     bpb = f", {metrics['valid/bpb']:.4f} bits/byte" if "valid/bpb" in metrics else ""
+    acc = f", masked-token accuracy {metrics['valid/mlm_acc']:.4f}" if "valid/mlm_acc" in metrics else ""
+    what = "masked tokens" if "valid/mlm_acc" in metrics else "tokens"
     print(f"{ckpt} (step {shared['step']}): validation loss {metrics['valid/loss']:.4f}, perplexity "
-          f"{metrics['valid/ppl']:.2f}{bpb} over {int(metrics['valid/tokens'])} tokens of {manifest.path}")
+          f"{metrics['valid/ppl']:.2f}{bpb}{acc} over {int(metrics['valid/tokens'])} {what} of {manifest.path}")
     return 0
 
 

@@ -6,7 +6,7 @@ The model API is loaded on first use, so tools that only need ``xft_dist.data`` 
 
 __version__ = "0.1.0"
 
-_MODEL_API = ("AttentionLayers", "Encoder", "Decoder", "TransformerWrapper", "AutoregressiveWrapper",
+_MODEL_API = ("AttentionLayers", "Encoder", "Decoder", "TransformerWrapper", "AutoregressiveWrapper", "MaskedLMWrapper",
               "EncoderDecoder", "XTransformer", "LayerIntermediates", "FILTER_LOGITS_FN", "top_k", "top_p", "min_p")
 __all__ = [*_MODEL_API, "__version__"]
 

@@ -34,12 +34,17 @@ def _write(tmp_path, data, name="cfg.yaml"):
 
 
 def test_presets_compose_and_validate():
-    for preset in ("tiny", "gpt_125m", "gpt_1_3b", "gpt_1_3b_zero3", "gpt_1_3b_pp2_tp2", "t5_base"):
+    for preset in ("tiny", "gpt_125m", "gpt_1_3b", "gpt_1_3b_zero3", "gpt_1_3b_pp2_tp2", "t5_base", "bert_base",
+                   "bert_tiny"):
         cfg = load_config(REPO / "configs" / f"{preset}.yaml")
         assert cfg.run.name
     cfg = load_config(REPO / "configs" / "gpt_1_3b.yaml", ["model.depth=4", "optim.betas=[0.9, 0.99]"])
     assert cfg.model.depth == 4 and cfg.model.ff_glu and cfg.parallel.tp == 2 and cfg.optim.betas == (0.9, 0.99)
     assert load_config(REPO / "configs" / "t5_base.yaml").model.kind == "encoder_decoder"
+    bert = load_config(REPO / "configs" / "bert_base.yaml")
+    assert (bert.model.kind, bert.model.dim, bert.model.depth, bert.model.heads, bert.data.mode, bert.data.seq_len,
+            bert.data.mlm_probability, bert.data.mlm_replace) == ("encoder", 768, 12, 12, "mlm", 512, 0.15,
+                                                                   (0.8, 0.1, 0.1))
     pp = load_config(REPO / "configs" / "gpt_1_3b_pp2_tp2.yaml")
     assert (pp.parallel.pp, pp.parallel.tp, pp.parallel.zero_stage) == (2, 2, 1)
     ds = deepspeed_config(pp, dp_size=2)  # 8 GPUs: 32 micro-batches in flight
@@ -113,3 +118,20 @@ def test_config_reference_is_up_to_date():
     res = subprocess.run([sys.executable, str(REPO / "tools" / "config_reference.py"), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_resume_checks_keys_a_saved_config_predates_by_their_defaults():
+    """A checkpoint written before a key existed resumes while the key keeps its default (what the
+    older run did); set to anything else, a refused key is refused naming both values."""
+    from xft_dist.config.load import validate
+    from xft_dist.config.resume import check_resume
+
+    now = validate({"data": {"shards": "x"}}).model_dump(mode="json")
+    saved = validate({"data": {"shards": "x"}}).model_dump(mode="json")
+    for key in ("mlm_probability", "mlm_replace", "mlm_rows"):
+        del saved["data"][key]
+    del saved["model"]["rotary_theta"]
+    assert check_resume(saved, now, where="ckpt") == []
+    changed = validate({"data": {"shards": "x", "mlm_probability": 0.2}}).model_dump(mode="json")
+    with pytest.raises(ConfigError, match=r"data.mlm_probability=None in the checkpoint, 0.2 now"):
+        check_resume(saved, changed, where="ckpt")

@@ -40,15 +40,17 @@ CFG = dict(seq_len=32, global_rows=8, num_streams=4, seed=3)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("mode", ["packed", "padded"])
+@pytest.mark.parametrize("mode", ["packed", "padded", "mlm", "mlm-padded"])
 def test_resume_gives_exactly_the_next_batches(corpus, workers, mode):
     out, _ = corpus
-    cfg = LoaderConfig(**CFG, mode=mode, num_workers=workers)
-    straight = _take(StreamingLoader(out, cfg), 48)
-    first = StreamingLoader(out, cfg)
+    mlm = {"mode": "mlm", "mlm_rows": mode.split("-")[1] if "-" in mode else "packed"} if "mlm" in mode else {}
+    cfg = LoaderConfig(**CFG, **({"mode": mode} | mlm), num_workers=workers)
+    vocab = 260 if mlm else None
+    straight = _take(StreamingLoader(out, cfg, vocab_size=vocab), 48)
+    first = StreamingLoader(out, cfg, vocab_size=vocab)
     _take(first, 40)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip (checkpoints)
-    resumed = StreamingLoader(out, cfg)
+    resumed = StreamingLoader(out, cfg, vocab_size=vocab)
     resumed.load_state_dict(state)
     after = _take(resumed, 8)
     for i, (a, b) in enumerate(zip(after, straight[40:])):
@@ -65,10 +67,11 @@ def test_workers_do_not_change_the_batches(corpus):
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 2)])
-def test_elastic_resume_continues_the_global_sequence(corpus, before, after):
+@pytest.mark.parametrize("mode", ["packed", "mlm"])
+def test_elastic_resume_continues_the_global_sequence(corpus, before, after, mode):
     out, _ = corpus
-    cfg = LoaderConfig(**CFG)
-    reference = _take(StreamingLoader(out, cfg), 14)  # DP=1: the global batches
+    cfg = LoaderConfig(**CFG, mode=mode)
+    reference = _take(StreamingLoader(out, cfg), 14)  # DP=1: the global batches (masks included)
     olds = [StreamingLoader(out, cfg, dp_rank=r, dp_size=before) for r in range(before)]
     for old in olds:
         _take(old, 10)
@@ -236,4 +239,6 @@ def test_the_data_settings_are_defined_once():
     assert (train.seq_len, train.global_rows, train.num_streams, train.mode, train.seed, train.ignore_index) == \
         (16, 8, 4, "padded", 9, 3)
     assert (valid.global_rows, valid.num_streams, valid.shuffle, valid.num_workers) == (6, 1, False, 0)
-    assert set(train.fingerprint()) == names - set(LoaderConfig.RUNTIME)
+    assert set(train.fingerprint()) == names - set(LoaderConfig.RUNTIME) - set(LoaderConfig.MLM_ONLY)
+    mlm = LoaderConfig(**{**vars(train), "mode": "mlm"})  # the masking settings fix an mlm run's data
+    assert set(mlm.fingerprint()) == names - set(LoaderConfig.RUNTIME)

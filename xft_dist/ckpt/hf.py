@@ -41,9 +41,13 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", 
 
 def _common_problems(m) -> list[str]:
     problems = []
-    if m.kind != "decoder":
+    if m.kind == "encoder_decoder":
         problems.append(f"model.kind={m.kind}: no transformers class computes our encoder-decoder (T5 and BART "
                         "have no rotary positions); export it with --to x-transformers or --to fp32")
+    elif m.kind == "encoder":
+        problems.append(f"model.kind={m.kind}: no transformers masked-LM class computes our encoder (BERT and "
+                        "RoBERTa are post-norm with a dense + GELU + norm prediction head, ModernBERT has that head "
+                        "too); export it with --to x-transformers or --to fp32")
     return problems
 
 

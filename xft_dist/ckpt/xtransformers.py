@@ -2,7 +2,8 @@
 
 ``xtransformers_spec(cfg, ...)`` gives the constructor call of the x-transformers model that computes
 what our model computes, as JSON-able data: ``{"class": "TransformerWrapper", "kwargs": {...,
-"attn_layers": {"class": "Decoder", "kwargs": {...}}}}`` for the decoder LM, ``{"class":
+"attn_layers": {"class": "Decoder", "kwargs": {...}}}}`` for the decoder LM (``"Encoder"`` for the
+encoder-only masked LM: its logits over every position), ``{"class":
 "XTransformer", "kwargs": {...}}`` for the encoder-decoder. x-transformers' ``XTransformer`` gives
 both towers one width; where our encoder is wider than the decoder (``model.enc_dim``), the spec
 also holds ``"encoder"``: the encoder ``TransformerWrapper`` (token embedding of the decoder's width
@@ -89,11 +90,11 @@ def xtransformers_spec(cfg, *, num_tokens: int, pad_id: int) -> dict:
         raise NotExportable("no x-transformers equivalent for: " + "; ".join(problems))
     m, d = cfg.model, cfg.data
     abs_pos = not m.rotary_pos_emb
-    if m.kind == "decoder":
+    if m.kind in ("decoder", "encoder"):
         return {"class": "TransformerWrapper", "kwargs": {
             "num_tokens": num_tokens, "max_seq_len": d.seq_len, "tie_embedding": m.tie_embedding,
             **({"tie_embedding_scale": 1.0} if m.tie_embedding else {}), "use_abs_pos_emb": abs_pos,
-            "attn_layers": {"class": "Decoder", "kwargs": _layer_kwargs(m, m.dim, m.depth)}}}
+            "attn_layers": {"class": m.kind.capitalize(), "kwargs": _layer_kwargs(m, m.dim, m.depth)}}}
     enc_dim = m.enc_dim or m.dim
     enc_layers = _layer_kwargs(m, m.dim, m.enc_depth)
     dec_layers = _layer_kwargs(m, m.dim, m.depth, cross=True)
@@ -207,7 +208,7 @@ def xtransformers_state_dict(ours: dict, cfg) -> dict:
     if problems:
         raise NotExportable("no x-transformers equivalent for: " + "; ".join(problems))
     m = cfg.model
-    if m.kind == "decoder":
+    if m.kind in ("decoder", "encoder"):
         out = _wrapper(ours, "net.", "", m, depth=m.depth, cross=False, emb_dim=m.dim)
         if not m.tie_embedding:
             out["to_logits.weight"] = ours["net.to_logits.weight"]
@@ -236,7 +237,7 @@ def _probe_difference(ours_model, xt_model, cfg, num_tokens: int) -> float:
     n = min(cfg.data.seq_len, 16)
     tgt = torch.randint(0, num_tokens, (2, n), generator=gen)
     with torch.no_grad():
-        if cfg.model.kind == "decoder":
+        if cfg.model.kind in ("decoder", "encoder"):
             a, b = ours_model.net(tgt, gather_logits=True), xt_model(tgt)
         else:
             src = torch.randint(0, num_tokens, (2, min(cfg.data.enc_len, 16)), generator=gen)

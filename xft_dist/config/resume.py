@@ -22,7 +22,8 @@ RUNTIME_MODEL_KEYS = frozenset({
 # the data stream continues exactly only with the settings it was cut with
 STREAM_KEYS = frozenset({
     "data.mode", "data.seq_len", "data.enc_len", "data.num_streams", "data.shuffle", "data.shuffle_buffer",
-    "data.noise_density", "data.mean_span", "train.global_batch", "train.seed",
+    "data.noise_density", "data.mean_span", "data.mlm_probability", "data.mlm_replace", "data.mlm_rows",
+    "train.global_batch", "train.seed",
 })
 
 
@@ -52,10 +53,19 @@ class Change:
         return f"{self.key}: {self.saved!r} -> {self.now!r}"
 
 
+def _defaults() -> dict[str, object]:
+    from .schema import Config
+
+    return flatten(Config(data={"shards": ""}).model_dump(mode="json"))
+
+
 def config_changes(saved: dict, now: dict) -> list[Change]:
-    """Every key whose value differs (a key only one side has counts, with None on the other)."""
+    """Every key whose value differs (a key only one side has counts, with None on the other). A key
+    the saved config predates is no change while it holds its default (what the older run did)."""
     a, b = flatten(saved), flatten(now)
-    return [Change(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    defaults = _defaults()
+    return [Change(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not (k not in a and k in defaults and b[k] == defaults[k])]
 
 
 def check_resume(saved: dict, now: dict, *, where: str) -> list[Change]:

@@ -24,8 +24,11 @@ class RunSection(Section):
 
 
 class ModelSection(Section):
-    kind: Literal["decoder", "encoder_decoder"] = Field("decoder", description="decoder LM or T5-style encoder-decoder")
-    num_tokens: int | None = Field(None, ge=2, description="vocabulary; default: the shards' tokenizer (+ sentinels)")
+    kind: Literal["decoder", "encoder", "encoder_decoder"] = Field(
+        "decoder", description="decoder LM, encoder-only masked LM (BERT-style; data.mode=mlm) or T5-style "
+                               "encoder-decoder (data.mode=span)")
+    num_tokens: int | None = Field(
+        None, ge=2, description="vocabulary; default: the shards' tokenizer (+ span sentinels or the mlm mask id)")
     dim: int = Field(256, ge=1, description="model width (the decoder's, for encoder_decoder)")
     depth: int = Field(4, ge=1, description="decoder layers (the LM's layers)")
     heads: int = Field(8, ge=1, description="attention heads; split over TP ranks")
@@ -46,7 +49,7 @@ class ModelSection(Section):
                           "output) or a tools/export.py --to fp32 file; unset model keys take its values")
     attn_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention probabilities")
     ff_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on feed-forward hidden units")
-    tie_embedding: bool = Field(True, description="output head reuses the token embedding (decoder)")
+    tie_embedding: bool = Field(True, description="output head reuses the token embedding (decoder, encoder)")
     pad_vocab_to_multiple_of: int = Field(1, ge=1, description="vocab padded to a multiple of this x tp")
     activation_checkpointing: Annotated[int, Field(ge=0)] | Literal["full", "selective"] = Field(
         0, description="0 off, 1 or full: every layer, k: every k-th layer, selective: attention cores only")
@@ -125,8 +128,9 @@ class DataSection(Section):
     sources: list[SourceSection] | None = Field(
         None, description="a weighted mixture of corpora: [{shards, weight, name}, ...] (instead of data.shards)")
     valid: ValidSection = Field(ValidSection(), description="held-out evaluation")
-    mode: Literal["packed", "padded", "span"] = Field(
-        "packed", description="packed causal LM rows, one padded document per row, or T5 span corruption")
+    mode: Literal["packed", "padded", "span", "mlm"] = Field(
+        "packed", description="packed causal LM rows, one padded document per row, T5 span corruption, or "
+                              "masked-LM rows for model.kind=encoder")
     seq_len: int = Field(256, ge=2, description="tokens per row (decoder length in span mode)")
     enc_len: int = Field(512, ge=4, description="span mode: encoder length")
     num_streams: int = Field(8, ge=1, description="fixed for the run; every DP size must divide it")
@@ -136,6 +140,29 @@ class DataSection(Section):
     skip_bad: bool = Field(False, description="skip, count and log bad shards/documents instead of failing")
     noise_density: float = Field(0.15, gt=0, lt=1, description="span mode: fraction of tokens masked")
     mean_span: float = Field(3.0, gt=0, description="span mode: mean noise span length")
+    mlm_probability: float = Field(
+        0.15, description="mlm mode: fraction of real tokens chosen for prediction, in (0, 1)")
+    mlm_replace: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="mlm mode: of the chosen tokens, the fractions that become the mask id, a random "
+                                     "id, and stay themselves (sum 1)")
+    mlm_rows: Literal["packed", "padded"] = Field(
+        "packed", description="mlm mode: several documents per row, each attending only to itself (packed), or one "
+                              "padded document per row")
+
+    @field_validator("mlm_probability")
+    @classmethod
+    def _mlm_probability(cls, v):
+        if not 0 < v < 1:
+            raise ValueError(f"data.mlm_probability={v}: expected a fraction strictly between 0 and 1")
+        return v
+
+    @field_validator("mlm_replace")
+    @classmethod
+    def _mlm_replace(cls, v):
+        if min(v) < 0 or abs(sum(v) - 1) > 1e-6:
+            raise ValueError(f"data.mlm_replace={list(v)}: expected three non-negative fractions [mask, random, keep] "
+                             f"summing to 1 (they sum to {sum(v):g})")
+        return v
 
     @model_validator(mode="after")
     def _one_corpus_or_a_mixture(self):
@@ -305,14 +332,26 @@ class Config(Section):
             raise ValueError("parallel.grad_reduce_dtype=fp32 needs parallel.zero_stage 1-3: without ZeRO DeepSpeed "
                              "accumulates bf16 gradients in bf16 (set zero_stage, or grad_reduce_dtype=bf16)")
         self._pipeline_checks()
-        if self.data.mode == "span" and m.kind != "encoder_decoder":
-            raise ValueError("data.mode='span' produces encoder-decoder batches: set model.kind=encoder_decoder")
-        if m.kind == "encoder_decoder" and self.data.mode != "span":
-            raise ValueError(f"model.kind=encoder_decoder needs data.mode='span', got {self.data.mode!r}")
+        self._objective_checks()
         if self.train.global_batch % self.train.micro_batch:
             raise ValueError(f"train.global_batch={self.train.global_batch} must be a multiple of "
                              f"train.micro_batch={self.train.micro_batch}")
         return self
+
+    def _objective_checks(self) -> None:
+        kind, mode = self.model.kind, self.data.mode
+        if mode == "span" and kind != "encoder_decoder":
+            raise ValueError("data.mode='span' produces encoder-decoder batches: set model.kind=encoder_decoder")
+        if mode == "mlm" and kind != "encoder":
+            raise ValueError(f"data.mode='mlm' (masked LM) trains a bidirectional encoder: set model.kind=encoder "
+                             f"(model.kind={kind} has no masked-LM objective)")
+        if kind == "encoder_decoder" and mode != "span":
+            raise ValueError(f"model.kind=encoder_decoder needs data.mode='span', got {mode!r}")
+        if kind == "encoder" and mode != "mlm":
+            raise ValueError(f"model.kind=encoder needs data.mode='mlm' (the masked-LM objective), got {mode!r}")
+        if kind == "encoder" and self.parallel.pp > 1:
+            raise ValueError(f"model.kind=encoder with parallel.pp={self.parallel.pp}: pipeline stages are built for "
+                             "the decoder and the encoder-decoder; use TP x DP (pp=1)")
 
     def _pipeline_checks(self) -> None:
         p, m = self.parallel, self.model

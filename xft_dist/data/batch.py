@@ -4,7 +4,8 @@ A ``Batch`` holds what a model learns from and what the step needs to know about
 
 - ``input_ids [b, n]`` and ``labels [b, n]``: the (decoder's) inputs and next-token targets, the
   targets already ``IGNORE_INDEX`` wherever nothing is learnt (across a document boundary, on
-  padding, on a span example's pad targets). A model's ``loss_sums(batch)`` counts exactly the
+  padding, on a span example's pad targets). A masked-LM batch (``mlm``) holds the corrupted
+  inputs and, at the same positions, the original tokens of the chosen ones (the rest ignored). A model's ``loss_sums(batch)`` counts exactly the
   targets that are not ``IGNORE_INDEX``: ``num_loss_tokens``.
 - ``mask [b, n]``: real input positions. ``doc_ids`` / ``positions`` / ``layout``: packed and padded
   rows' documents (padding is a document of its own), their positions, and the flattened documents'
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
-MODES = ("packed", "padded", "span")
+MODES = ("packed", "padded", "span", "mlm")
 
 
 @dataclass(frozen=True)

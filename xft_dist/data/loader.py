@@ -27,14 +27,23 @@ import torch
 
 from .batch import Batch
 from .errors import DataError
-from .packing import chunk_for_span_corruption, pack_rows, pad_rows, raw_length_for, span_corruption, span_lengths
+from .packing import (
+    chunk_for_span_corruption,
+    mlm_corrupt,
+    pack_rows,
+    pad_rows,
+    raw_length_for,
+    span_corruption,
+    span_lengths,
+)
 from .shards import Manifest
 from .sources import DEFAULT_SHUFFLE_BUFFER, Mixture, ReadReport, SourceReader, pick_source
 
 log = logging.getLogger("xft_dist.data")
 _OLD_FORMATS = {1: "format 1 was written before shards were read in bounded memory",
                 2: "format 2 chose a mixture's source per document, format 3 per row"}
-MODES = ("packed", "padded", "span")
+MODES = ("packed", "padded", "span", "mlm")
+MLM_SALT = 0x6D6C6D  # keeps the masking draws apart from every other use of the seed
 STATE_FORMAT = 3  # 2: sources chosen per document; 1: one corpus, per-shard permutations
 
 
@@ -46,7 +55,7 @@ class LoaderConfig:
     seq_len: int
     global_rows: int                 # sequences per optimizer step, all DP ranks together
     num_streams: int = 8             # fixed for a run: DP sizes must divide it
-    mode: str = "packed"             # packed (causal LM) | padded (one document per row) | span (T5)
+    mode: str = "packed"             # packed (causal LM) | padded (one document per row) | span (T5) | mlm
     seed: int = 0
     shuffle: bool = True
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # documents held for the within-shard buffer shuffle
@@ -57,6 +66,9 @@ class LoaderConfig:
     noise_density: float = 0.15
     mean_span: float = 3.0
     ignore_index: int = -100         # targets with this id never count (the batches' labels drop them)
+    mlm_probability: float = 0.15    # mlm mode: fraction of real tokens chosen
+    mlm_replace: tuple = (0.8, 0.1, 0.1)  # mlm mode: chosen -> mask id / random id / unchanged
+    mlm_rows: str = "packed"         # mlm mode: packed (documents attend to themselves) | padded
 
     # The run config's key for each field; the fields outside RUNTIME fix the order of the data (the
     # fingerprint a resumed loader must match).
@@ -64,7 +76,9 @@ class LoaderConfig:
             "mode": "data.mode", "seed": "train.seed", "shuffle": "data.shuffle",
             "shuffle_buffer": "data.shuffle_buffer", "num_workers": "data.num_workers",
             "skip_bad": "data.skip_bad", "enc_len": "data.enc_len", "noise_density": "data.noise_density",
-            "mean_span": "data.mean_span", "ignore_index": "loss.ignore_index"}
+            "mean_span": "data.mean_span", "ignore_index": "loss.ignore_index",
+            "mlm_probability": "data.mlm_probability", "mlm_replace": "data.mlm_replace", "mlm_rows": "data.mlm_rows"}
+    MLM_ONLY = ("mlm_probability", "mlm_replace", "mlm_rows")
     RUNTIME = ("num_workers", "prefetch", "skip_bad", "ignore_index")
 
     @classmethod
@@ -84,8 +98,14 @@ class LoaderConfig:
         return cls(**kw)
 
     def fingerprint(self) -> dict:
-        """The settings that fix the order of the data."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+        """The settings that fix the order of the data (JSON-shaped: a checkpoint stores them)."""
+        skip = self.RUNTIME + (() if self.mode == "mlm" else self.MLM_ONLY)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in skip}
+
+    @property
+    def packs(self) -> bool:
+        """Rows packed from a token stream (packed mode, packed mlm), not cut one document at a time."""
+        return self.mode == "packed" or (self.mode == "mlm" and self.mlm_rows == "packed")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -99,7 +119,10 @@ class LoaderConfig:
 
 
 def num_sentinels(cfg: LoaderConfig) -> int:
-    """Sentinel ids span corruption needs after the tokenizer's vocabulary (0 outside span mode)."""
+    """Special ids a mode needs after the tokenizer's vocabulary: span corruption's sentinels, the
+    masked LM's mask id (the first id after the vocabulary); 0 otherwise."""
+    if cfg.mode == "mlm":
+        return 1
     if cfg.mode != "span":
         return 0
     raw = raw_length_for(cfg.enc_len, cfg.seq_len, cfg.noise_density, cfg.mean_span)
@@ -195,10 +218,23 @@ class _Stream:
         return picks
 
     def take(self, k: int) -> dict[str, np.ndarray]:
-        rows = self._take_packed(k) if self.cfg.mode == "packed" else self._take_units(k)
+        drawn = sum(c.tokens for c in self.cursors)  # grows with every row: names this take in the stream
+        rows = self._take_packed(k) if self.cfg.packs else self._take_units(k)
+        if self.cfg.mode == "mlm":
+            rows = self._mask(rows, drawn)
         self.events.extend(self._report.messages)
         self._report.messages.clear()
         return rows
+
+    def _mask(self, rows: dict[str, np.ndarray], drawn: int) -> dict[str, np.ndarray]:
+        """Masked-LM rows: drawn from the seed, the stream and the tokens it has handed out before
+        them, so the same rows come back after a resume at any DP size or worker count."""
+        tok = self.mixture.tokenizer
+        rng = np.random.default_rng([self.cfg.seed, MLM_SALT, self.sid, drawn])
+        special = [i for i in (self.eos, self.pad, tok.get("bos_id")) if i is not None]
+        return mlm_corrupt(rows["input_ids"], rows["mask"], rows["doc_ids"], rows["positions"], rng=rng,
+                           probability=self.cfg.mlm_probability, replace=self.cfg.mlm_replace,
+                           mask_id=self.vocab_size_tokenizer, vocab_size=self.vocab_size_tokenizer, special=special)
 
     def _take_packed(self, k: int) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -222,7 +258,7 @@ class _Stream:
 
     def _units(self, source: int, pos: tuple, doc: np.ndarray) -> list[tuple[dict, int]]:
         """A document's rows, each with the document tokens it holds."""
-        if self.cfg.mode == "padded":
+        if self.cfg.mode in ("padded", "mlm"):
             return [(r, int(r["mask"].sum())) for r in pad_rows(doc, self.cfg.seq_len, eos_id=self.eos,
                                                                  pad_id=self.pad)]
         out = []
@@ -293,10 +329,11 @@ class StreamingLoader:
             self.manifest.check_vocab(vocab_size)
         self.vocab_size = tok_vocab  # ids in shards must be real tokens, whatever the model pads to
         self.num_sentinels = num_sentinels(cfg)
-        if cfg.mode == "span":
-            if vocab_size is not None and vocab_size < tok_vocab + self.num_sentinels:
-                raise DataError(f"span corruption needs {self.num_sentinels} sentinel ids after the "
-                                f"tokenizer's {tok_vocab}: model vocab_size {vocab_size} < {tok_vocab + self.num_sentinels}")
+        if vocab_size is not None and vocab_size < tok_vocab + self.num_sentinels:
+            what = (f"span corruption needs {self.num_sentinels} sentinel ids" if cfg.mode == "span"
+                    else "the masked LM needs its mask id")
+            raise DataError(f"{what} after the tokenizer's {tok_vocab}: model vocab_size {vocab_size} < "
+                            f"{tok_vocab + self.num_sentinels}")
         V = cfg.num_streams
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank}, dp_size={dp_size}: expected 0 <= dp_rank < dp_size")

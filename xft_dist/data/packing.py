@@ -8,6 +8,9 @@ crosses into the next document and any padding.
 
 Unpacked (``pad_rows``): one document per row (split into several when longer), padded to ``L``.
 
+Masked LM (``mlm_corrupt``): packed or padded rows whose chosen tokens are hidden (BERT's 80/10/10)
+and are the only targets.
+
 Encoder-decoder (``span_corruption``): T5-style noise spans replaced by sentinels in the encoder
 input; the decoder reconstructs them (sentinel, span tokens, ..., EOS), both padded.
 
@@ -178,3 +181,34 @@ def span_corruption(doc: np.ndarray, *, enc_len: int, dec_len: int, sentinel_sta
 def chunk_for_span_corruption(doc: np.ndarray, raw_len: int) -> list[np.ndarray]:
     return [doc[i:i + raw_len] for i in range(0, len(doc), raw_len)] or [doc]
 
+
+
+# ----------------------------------------------------------------------------- masked LM
+
+def mlm_corrupt(tokens: np.ndarray, real: np.ndarray, doc_ids: np.ndarray, positions: np.ndarray, *,
+                rng: np.random.Generator, probability: float, replace: tuple[float, float, float], mask_id: int,
+                vocab_size: int, special=()) -> dict:
+    """Masked-LM rows from rows of tokens ``[k, L]`` (``real``: not padding).
+
+    The candidates are the real tokens that are not ``special`` ids (EOS separators, padding, BOS).
+    Each row chooses ``floor(probability * candidates + u)`` of them (``u ~ U(0, 1)``: the expected
+    count is exactly ``probability`` of the candidates), uniformly; of the chosen, ``replace[0]``
+    become ``mask_id``, ``replace[1]`` a uniform random id below ``vocab_size``, the rest stay.
+    ``labels`` are the original tokens; ``loss_mask`` marks the chosen (the only targets)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    cand = np.asarray(real, dtype=bool) & ~np.isin(tokens, np.asarray(list(special), dtype=np.int64))
+    counts = cand.sum(axis=1)
+    take = np.floor(probability * counts + rng.random(len(tokens))).astype(np.int64)
+    # A random order of each row's candidates (the others sort last): the first ``take`` are chosen.
+    score = np.where(cand, rng.random(tokens.shape), 2.0)
+    rank = np.empty_like(tokens)
+    np.put_along_axis(rank, np.argsort(score, axis=1, kind="stable"), np.arange(tokens.shape[1])[None], axis=1)
+    chosen = cand & (rank < take[:, None])
+    how = rng.random(tokens.shape)
+    to_mask = chosen & (how < replace[0])
+    to_random = chosen & (how >= replace[0]) & (how < replace[0] + replace[1])
+    corrupted = np.where(to_mask, mask_id, tokens)
+    corrupted = np.where(to_random, rng.integers(0, vocab_size, size=tokens.shape), corrupted)
+    return {"input_ids": corrupted, "labels": tokens.copy(), "doc_ids": np.asarray(doc_ids, dtype=np.int64),
+            "positions": np.asarray(positions, dtype=np.int64), "loss_mask": chosen.astype(np.float32),
+            "mask": np.asarray(real, dtype=bool)}

@@ -2,8 +2,9 @@
 
 This is the model part of ``xft_dist.train.setup.build_run``; it lives here, below ``ckpt``, so that
 checkpoint conversion builds exactly the model the trainer built without importing the trainer.
-The decoder LM is an ``AutoregressiveWrapper`` and the encoder-decoder an ``EncoderDecoder``: both
-take a loader batch and return ``(loss_sum, num_tokens)`` (see ``wrappers.py``).
+The decoder LM is an ``AutoregressiveWrapper``, the encoder-only masked LM a ``MaskedLMWrapper`` and
+the encoder-decoder an ``EncoderDecoder``: each takes a loader batch and returns ``(loss_sum,
+num_tokens)`` (see ``contract.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from ..nn.init import InitScheme
 from ..parallel import ParallelGroups, RNGStreams
 from .encdec import EncoderDecoder
 from .flops import layers_forward_flops, model_flops_per_token
-from .layers import Decoder
+from .layers import Decoder, Encoder
+from .mlm import MaskedLMWrapper
 from .wrappers import AutoregressiveWrapper, TransformerWrapper
 
 
@@ -29,12 +31,14 @@ def build_model(cfg: Config, groups: ParallelGroups, rng: RNGStreams | None, *, 
     # The trainer's loader has checked every id against the vocabulary: no host syncs to re-check.
     loss_kw = dict(ignore_index=loss.ignore_index, label_smoothing=loss.label_smoothing, z_loss=loss.z_loss,
                    fused_loss=m.fused_loss, loss_chunk_tokens=m.loss_chunk_tokens, check_ids=False)
-    if m.kind == "decoder":
+    if m.kind in ("decoder", "encoder"):
+        stack = Decoder if m.kind == "decoder" else Encoder
         net = TransformerWrapper(
             num_tokens=num_tokens, max_seq_len=cfg.data.seq_len, tie_embedding=m.tie_embedding,
             pad_to_multiple_of=m.pad_vocab_to_multiple_of,
-            attn_layers=Decoder(m.dim, m.depth, m.heads, groups=groups, rng=rng, init=init, **layer_kw))
-        return AutoregressiveWrapper(net, pad_value=pad_id, **loss_kw)
+            attn_layers=stack(m.dim, m.depth, m.heads, groups=groups, rng=rng, init=init, **layer_kw))
+        wrapper = AutoregressiveWrapper if m.kind == "decoder" else MaskedLMWrapper
+        return wrapper(net, pad_value=pad_id, **loss_kw)
     return EncoderDecoder(num_tokens=num_tokens, dim=m.dim, enc_dim=m.enc_dim, enc_depth=m.enc_depth,
                           dec_depth=m.depth, heads=m.heads, enc_max_seq_len=cfg.data.enc_len,
                           dec_max_seq_len=cfg.data.seq_len + 1, pad_value=pad_id,
@@ -44,8 +48,11 @@ def build_model(cfg: Config, groups: ParallelGroups, rng: RNGStreams | None, *, 
 
 def flops_per_token(cfg: Config, model) -> float:
     """Training FLOPs per (decoder) token of the whole model built by ``build_model`` (see flops.py)."""
-    if cfg.model.kind == "decoder":
-        return model_flops_per_token(model.net, cfg.data.seq_len)
+    if cfg.model.kind in ("decoder", "encoder"):  # the masked LM's head runs on the chosen tokens only
+        flops = model_flops_per_token(model.net, cfg.data.seq_len)
+        if cfg.model.kind == "encoder":
+            flops -= 6 * model.net.attn_layers.dim * model.net.num_tokens * (1 - cfg.data.mlm_probability)
+        return flops
     enc, dec = model.encoder.attn_layers, model.decoder.net
     ratio = cfg.data.enc_len / (cfg.data.seq_len + 1)
     enc_flops = layers_forward_flops(enc, cfg.data.enc_len) * ratio

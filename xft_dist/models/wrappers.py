@@ -205,54 +205,28 @@ class TransformerWrapper(nn.Module):
         return (out, inter) if return_intermediates else out
 
 
-class AutoregressiveWrapper(nn.Module):
-    """Next-token loss over a ``TransformerWrapper``, equal to the manual path:
+class TokenLossWrapper(nn.Module):
+    """The output head and the loss over a ``TransformerWrapper``'s final embeddings, shared by the
+    causal LM (``AutoregressiveWrapper``) and the masked LM (``MaskedLMWrapper``).
 
-        logits = net(x[:, :-1]); F.cross_entropy(logits, x[:, 1:], ignore_index=pad_value)
-
-    Targets equal to ``pad_value`` or ``ignore_index``, or where ``mask[:, 1:]`` is False, never
-    count; the mean is over the remaining (real) tokens. ``mask_pad=False`` trains on pad tokens
-    (when pad doubles as a real token such as EOS); a one-time warning says so when it happens.
     ``label_smoothing`` and ``z_loss`` are those of ``vocab_parallel_cross_entropy``.
     ``fused_loss=True`` computes the head and the loss together, chunk by chunk, without the full
     logits (``fused_head_cross_entropy``, ``loss_chunk_tokens`` tokens a chunk): same loss and
     gradients. ``check_ids=False`` skips the host-synchronising id checks of the embedding and the
     loss (the trainer's loader has checked the ids already).
-
-    The trainer's path: ``loss_sums(batch)`` (or ``model(batch)``, as an engine calls it) with a
-    packed or padded ``data.Batch`` returns ``(loss_sum, num_loss_tokens)``; the count equals the
-    batch's own ``num_loss_tokens``.
     """
 
     def __init__(self, net: TransformerWrapper, *, pad_value: int | None = 0, ignore_index: int = -100,
-                 mask_pad: bool = True, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 fused_loss: bool = False, loss_chunk_tokens: int | None = None, check_ids: bool = True,
-                 **unsupported):
+                 label_smoothing: float = 0.0, z_loss: float = 0.0, fused_loss: bool = False,
+                 loss_chunk_tokens: int | None = None, check_ids: bool = True):
         super().__init__()
-        reject_unsupported("AutoregressiveWrapper", unsupported, XT_AUTOREGRESSIVE)
         if net.return_only_embed:
-            raise ValueError("AutoregressiveWrapper needs a net with an output head (not return_only_embed)")
-        self.net, self.pad_value, self.ignore_index, self.mask_pad = net, pad_value, ignore_index, mask_pad
+            raise ValueError(f"{type(self).__name__} needs a net with an output head (not return_only_embed)")
+        self.net, self.pad_value, self.ignore_index = net, pad_value, ignore_index
         self.label_smoothing, self.z_loss = label_smoothing, z_loss
         self.fused_loss, self.loss_chunk_tokens, self.check_ids = fused_loss, loss_chunk_tokens, check_ids
         for emb in {id(m): m for m in (net.token_emb, net.head) if isinstance(m, VocabParallelEmbedding)}.values():
             emb.check_ids = emb.check_ids and check_ids
-        self._warned = False
-
-    def targets(self, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``target`` with every position that must not count set to the internal ignore index."""
-        drop = target == self.ignore_index
-        if self.pad_value is not None:
-            is_pad = target == self.pad_value
-            if self.mask_pad:
-                drop = drop | is_pad
-            elif not self._warned and bool(is_pad.any()):
-                self._warned = True
-                warnings.warn(f"pad tokens (id {self.pad_value}) appear among the targets and count in "
-                              "the loss because mask_pad=False", stacklevel=3)
-        if mask is not None:
-            drop = drop | ~mask.bool()
-        return target.masked_fill(drop, IGNORE)
 
     def target_loss_sums(self, inp: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None,
                          **net_kwargs):
@@ -260,13 +234,17 @@ class AutoregressiveWrapper(nn.Module):
         ``loss_mask`` weighs each token's loss."""
         return self.hidden_loss_sums(self.net(inp, return_embeddings=True, **net_kwargs), target, loss_mask)
 
+    def loss_kwargs(self) -> dict:
+        """What the vocab-parallel loss takes besides logits and targets."""
+        return dict(group=self.net.groups.tp_group, vocab_size=self.net.num_tokens, ignore_index=IGNORE,
+                    label_smoothing=self.label_smoothing, z_loss=self.z_loss, check_ids=self.check_ids)
+
     def hidden_loss_sums(self, h: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None):
         """``(loss_sum, num_tokens)`` from the stack's output ``h [b, n, dim]``: the head and the
         loss (fused, chunk by chunk, where the head is ours)."""
         if loss_mask is not None:
             target = target.masked_fill(loss_mask == 0, IGNORE)  # dropped targets are ignored outright
-        kw = dict(group=self.net.groups.tp_group, vocab_size=self.net.num_tokens, ignore_index=IGNORE,
-                  label_smoothing=self.label_smoothing, z_loss=self.z_loss, check_ids=self.check_ids)
+        kw = self.loss_kwargs()
         if self.fused_loss and self.net.head is not None:  # a head of the user's own: unfused
             # Without weights, every counted token's loss has the same upstream gradient: the fused
             # backward then only scales what its forward computed (no check, no recompute).
@@ -284,6 +262,48 @@ class AutoregressiveWrapper(nn.Module):
         mask = None if batch.doc_ids is not None else batch.mask
         return self.target_loss_sums(batch.input_ids, batch.labels, mask=mask, doc_ids=batch.doc_ids,
                                      positions=batch.positions, doc_layout=batch.layout)
+
+
+class AutoregressiveWrapper(TokenLossWrapper):
+    """Next-token loss over a ``TransformerWrapper``, equal to the manual path:
+
+        logits = net(x[:, :-1]); F.cross_entropy(logits, x[:, 1:], ignore_index=pad_value)
+
+    Targets equal to ``pad_value`` or ``ignore_index``, or where ``mask[:, 1:]`` is False, never
+    count; the mean is over the remaining (real) tokens. ``mask_pad=False`` trains on pad tokens
+    (when pad doubles as a real token such as EOS); a one-time warning says so when it happens.
+    The loss options are ``TokenLossWrapper``'s.
+
+    The trainer's path: ``loss_sums(batch)`` (or ``model(batch)``, as an engine calls it) with a
+    packed or padded ``data.Batch`` returns ``(loss_sum, num_loss_tokens)``; the count equals the
+    batch's own ``num_loss_tokens``.
+    """
+
+    def __init__(self, net: TransformerWrapper, *, pad_value: int | None = 0, ignore_index: int = -100,
+                 mask_pad: bool = True, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 fused_loss: bool = False, loss_chunk_tokens: int | None = None, check_ids: bool = True,
+                 **unsupported):
+        reject_unsupported("AutoregressiveWrapper", unsupported, XT_AUTOREGRESSIVE)
+        super().__init__(net, pad_value=pad_value, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         z_loss=z_loss, fused_loss=fused_loss, loss_chunk_tokens=loss_chunk_tokens,
+                         check_ids=check_ids)
+        self.mask_pad = mask_pad
+        self._warned = False
+
+    def targets(self, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``target`` with every position that must not count set to the internal ignore index."""
+        drop = target == self.ignore_index
+        if self.pad_value is not None:
+            is_pad = target == self.pad_value
+            if self.mask_pad:
+                drop = drop | is_pad
+            elif not self._warned and bool(is_pad.any()):
+                self._warned = True
+                warnings.warn(f"pad tokens (id {self.pad_value}) appear among the targets and count in "
+                              "the loss because mask_pad=False", stacklevel=3)
+        if mask is not None:
+            drop = drop | ~mask.bool()
+        return target.masked_fill(drop, IGNORE)
 
     def forward(self, x: torch.Tensor | Batch, *, mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,

@@ -159,6 +159,24 @@ def vocab_parallel_cross_entropy(
     )
 
 
+def vocab_parallel_correct(logits: torch.Tensor, target: torch.Tensor, *, group: ProcessGroup | None = None,
+                           vocab_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Whether each target is the argmax of vocab-split ``logits`` (bool, shaped like ``target``;
+    False where ignored; a tie with the maximum counts as correct). One all-reduce (max) of the row
+    maxima and target logits: no rank gathers the vocabulary."""
+    v_local = logits.shape[-1]
+    vocab_size = v_local * group_size(group) if vocab_size is None else vocab_size
+    start = group_rank(group) * v_local
+    n_real = max(0, min(v_local, vocab_size - start))
+    low = torch.full(target.shape, float("-inf"), dtype=torch.float32, device=logits.device)
+    row_max = logits[..., :n_real].amax(dim=-1).float() if n_real > 0 else low
+    local_t = target.long() - start
+    in_shard = (local_t >= 0) & (local_t < n_real) & (target != ignore_index)
+    picked = logits.gather(-1, torch.where(in_shard, local_t, 0).unsqueeze(-1)).squeeze(-1).float()
+    stats = all_reduce(torch.stack([row_max, torch.where(in_shard, picked, low)]), group, op="max")
+    return (stats[1] >= stats[0]) & (target != ignore_index)
+
+
 def masked_loss_sum(
     losses: torch.Tensor,
     target: torch.Tensor | None = None,

@@ -5,7 +5,8 @@ order, no shuffling, no worker processes) and kept: evaluation never touches the
 any RNG stream, and in eval mode the model draws nothing. Each DP rank takes its share of every
 batch's rows, the loss sums and token counts are reduced over DP in float64, and the result is the
 mean over every loss token of the set: the same number for any TP x DP split and any
-``data.num_workers``.
+``data.num_workers``. A model with ``eval_sums`` (the masked LM's ``("mlm_acc",)``) returns one more
+sum per name in eval mode; each is reported as ``valid/<name>``, per loss token.
 """
 
 from __future__ import annotations
@@ -63,37 +64,41 @@ def pipeline_loss_sum(engine, micro: list[Batch], groups: ParallelGroups) -> tor
 
 def evaluate(forward, model: torch.nn.Module, batches: list[Batch], *, groups: ParallelGroups, micro_batch: int,
              device: torch.device, byte_tokenizer: bool) -> dict:
-    """``valid/loss`` (mean over loss tokens), ``valid/ppl``, ``valid/tokens`` and, for the byte
-    tokenizer, ``valid/bpb`` (bits per byte: every target is one byte, EOS counted as one).
+    """``valid/loss`` (mean over loss tokens), ``valid/ppl``, ``valid/tokens``, for the byte
+    tokenizer ``valid/bpb`` (bits per byte: every target is one byte, EOS counted as one), and the
+    model's ``eval_sums`` per loss token (``valid/mlm_acc``).
 
-    ``forward(micro_batch) -> (loss_sum, num_loss_tokens)``: the engine or the model itself;
-    ``model`` is put in eval mode for the duration. The token count is the batches' own."""
+    ``forward(micro_batch) -> (loss_sum, num_loss_tokens, *eval_sums)``: the engine or the model
+    itself; ``model`` is put in eval mode for the duration. The token count is the batches' own."""
+    names = tuple(getattr(model, "eval_sums", ()))
     was_training = model.training
     model.eval()
-    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    sums, tokens = torch.zeros(1 + len(names), dtype=torch.float64, device=device), 0
     try:
         for batch in batches:
             micro = split_micro_batches(batch.shard(groups.dp_rank, groups.dp_size), micro_batch, device)
             if groups.pp_size > 1:
-                loss_sum += pipeline_loss_sum(forward, micro, groups)
+                sums[0] += pipeline_loss_sum(forward, micro, groups)
             else:
                 for mb in micro:
-                    loss_sum += forward(mb)[0].detach().to(torch.float64)
+                    out = forward(mb)
+                    sums += torch.stack([out[0], *out[2:]]).detach().to(torch.float64)
             tokens += sum(mb.num_loss_tokens for mb in micro)
     finally:
         model.train(was_training)
-    acc = torch.cat([loss_sum[None], host_numbers([float(tokens)], device)])
+    acc = torch.cat([sums, host_numbers([float(tokens)], device)])
     if groups.pp_size > 1:  # the sums live on the last stage (its TP rank 0); the counts, from every
         # rank alike, are taken once per DP rank (the first stage's TP rank 0)
         own_count = float(groups.pp_rank == 0 and groups.tp_rank == 0)
-        acc = all_reduce(acc * host_numbers([1.0, own_count], device), _world(groups))
+        acc = all_reduce(acc * host_numbers([1.0] * len(sums) + [own_count], device), _world(groups))
     else:
         acc = all_reduce(acc, groups.dp_group)
-    loss_sum, tokens = acc.tolist()
+    *totals, tokens = acc.tolist()
     if tokens == 0:
         raise ValueError("the validation batches hold no loss tokens")
-    loss = loss_sum / tokens
+    loss = totals[0] / tokens
     out = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 700.0)), "valid/tokens": tokens}
+    out |= {f"valid/{name}": total / tokens for name, total in zip(names, totals[1:])}
     if byte_tokenizer:
         out["valid/bpb"] = loss / math.log(2)
     return out

@@ -298,6 +298,7 @@ def run_validation(r: Run, step: int) -> dict:
     r.sinks.log(step, metrics)
     if r.rank0:
         bpb = f" bpb {metrics['valid/bpb']:.4f}" if "valid/bpb" in metrics else ""
+        bpb += f" mlm_acc {metrics['valid/mlm_acc']:.4f}" if "valid/mlm_acc" in metrics else ""
         log.info("step %d valid loss %.4f ppl %.2f%s (%d tokens)", step, metrics["valid/loss"], metrics["valid/ppl"],
                  bpb, metrics["valid/tokens"])
     return metrics
@@ -340,6 +341,7 @@ def finish(r: Run, summary: dict) -> None:
         valid = summary.get("valid")
         if valid:
             bpb = f", {valid['valid/bpb']:.3f} bits/byte" if "valid/bpb" in valid else ""
+            bpb += f", masked-token accuracy {valid['valid/mlm_acc']:.3f}" if "valid/mlm_acc" in valid else ""
             print(f"\nvalidation loss {valid['valid/loss']:.4f} (perplexity {valid['valid/ppl']:.2f}{bpb})", flush=True)
         for x in summary.get("samples") or []:
             print(f"\nsample: {x['prompt']!r} -> {x['continuation']!r}", flush=True)

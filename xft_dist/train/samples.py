@@ -27,9 +27,10 @@ def decode_row(tok, ids: list[int]) -> str:
 
 def sample_continuations(r, step: int) -> list[dict] | None:
     cfg = r.cfg
-    if cfg.data.mode == "span":
+    if cfg.model.kind != "decoder":
         if r.rank0:
-            log.info("logging.sample_prompts: samples are for decoder LMs; data.mode=span builds an encoder-decoder")
+            log.info("logging.sample_prompts: samples are for decoder LMs; model.kind=%s does not generate",
+                     cfg.model.kind)
         return None
     tok = tokenizer_from_identity(r.loader.manifest.tokenizer, cfg.logging.sample_tokenizer,
                                   what="logging.sample_tokenizer")
