@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xft_dist-installed
 PYTEST_ARGS ?=
+CONFIG ?= configs/tiny.yaml
 
 # DeepSpeed JIT-compiles a small C++ op on its first distributed init; cache it inside the repo.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -37,7 +38,7 @@ data/stdlib/valid/manifest.json: | $(STAMP)
 
 pretrain: $(STAMP) data/stdlib/valid/manifest.json
 	WANDB_MODE=offline OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu \
-		$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml $(ARGS)
+		$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config $(CONFIG) $(ARGS)
 
 # The first run on a GPU machine: GPU tests, 30 bf16 steps of gpt_125m, the GPT-2-small bench.
 gpu-smoke: $(STAMP)

@@ -99,6 +99,6 @@ def evaluate(forward, model: torch.nn.Module, batches: list[Batch], *, groups: P
     loss = totals[0] / tokens
     out = {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 700.0)), "valid/tokens": tokens}
     out |= {f"valid/{name}": total / tokens for name, total in zip(names, totals[1:])}
-    if byte_tokenizer:
+    if byte_tokenizer and not names:  # a masked LM's loss is over masked bytes: not the corpus' bits per byte
         out["valid/bpb"] = loss / math.log(2)
     return out

@@ -14,7 +14,6 @@ carries NaN gradients into DeepSpeed's overflow check, as at ``pp = 1``.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable
 
 import torch
@@ -50,9 +49,9 @@ def _poison_gradients(engine) -> None:
 
 
 def pipeline_train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
-                        step: int = 0, stop_requested: bool = False,
+                        step: int = 0, stop_requested: bool = False, writer: tuple[int, int] = (0, 0),
                         drop_update: Callable[[float], bool] | None = None):
-    from .step import NonFiniteLoss, StepResult, _world, step_inputs
+    from .step import NonFiniteLoss, _world, step_flags, step_inputs, step_result
 
     micro, counts, scale = step_inputs(engine, batch, groups, micro_batch)
     feed = engine.module.feed
@@ -65,7 +64,7 @@ def pipeline_train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_b
         if groups.last_stage and groups.tp_rank == 0:  # the sums live on the last stage; TP peers hold the same
             own = torch.stack(feed.sums).to(torch.float64).sum()
         bad = (~torch.isfinite(own)).to(torch.float64)
-        flags = torch.full((1,), float(stop_requested), dtype=torch.float64, device=device)
+        flags = step_flags(stop_requested, writer, device)
         got = all_reduce(torch.cat([torch.stack([torch.where(bad > 0, 0.0, own), bad]), flags]), _world(groups))
         values = torch.cat([counts, got]).tolist()
         state["numbers"] = values
@@ -80,12 +79,4 @@ def pipeline_train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_b
     _before_update(engine, numbers)
     placeholder = torch.zeros(1)
     engine.train_batch(data_iter=iter([(placeholder, placeholder)] * len(micro)))
-    positions, real, total, loss_total, _, stop = state["numbers"]
-    dropped = state["dropped"]
-    norm = None if dropped else engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else None
-    if norm is not None and not math.isfinite(norm):
-        raise NonFiniteLoss(f"step {step}: non-finite gradient norm {norm} after the update")
-    return StepResult(loss=loss_total / max(total, 1.0), loss_tokens=total, tokens=int(positions),
-                      real_tokens=int(real), skipped_micro=0, grad_norm=norm, lr=engine.get_lr()[0],
-                      stop_requested=stop > 0, dropped=dropped)
+    return step_result(engine, state["numbers"], step=step, skipped=0, dropped=state["dropped"])

@@ -61,6 +61,19 @@ class StepResult:
     lr: float
     stop_requested: bool = False  # some rank asked to stop (a signal), decided with the step's numbers
     dropped: bool = False         # drop_update said so: the update was discarded
+    writers_busy: int = 0         # ranks whose background checkpoint writer is still writing
+    writers_failed: int = 0       # ranks whose background checkpoint writer failed
+
+
+def step_flags(stop_requested: bool, writer: tuple[int, int], device) -> torch.Tensor:
+    """The flags that travel with the step's numbers: ``[stop requested, checkpoint writer busy,
+    checkpoint writer failed]`` of this rank (summed over the world)."""
+    if not any(writer):  # the usual step: fills, no copy
+        flags = torch.zeros(3, dtype=torch.float64, device=device)
+        if stop_requested:
+            flags[0] = 1.0
+        return flags
+    return host_numbers([float(stop_requested), float(writer[0]), float(writer[1])], device)
 
 
 def split_micro_batches(batch: Batch, micro_batch: int, device) -> list[Batch]:
@@ -103,13 +116,15 @@ def _zero_grad_surrogate(engine) -> torch.Tensor:
 
 
 def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int, nonfinite: str = "stop",
-               step: int = 0, stop_requested: bool = False,
+               step: int = 0, stop_requested: bool = False, writer: tuple[int, int] = (0, 0),
                drop_update: Callable[[float], bool] | None = None) -> StepResult:
+    """One optimizer step. ``writer``: this rank's background checkpoint writer ``(busy, failed)``,
+    summed over the world with the step's numbers (``StepResult.writers_*``)."""
     if groups.pp_size > 1:
         from .pipe_step import pipeline_train_step
 
         return pipeline_train_step(engine, batch, groups=groups, micro_batch=micro_batch, nonfinite=nonfinite,
-                                   step=step, stop_requested=stop_requested, drop_update=drop_update)
+                                   step=step, stop_requested=stop_requested, writer=writer, drop_update=drop_update)
     micro, counts, scale = step_inputs(engine, batch, groups, micro_batch)
     device = counts.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -131,7 +146,7 @@ def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int
             # Over the whole world, so that a stop request or a bad loss on any rank reaches every
             # TP peer too; TP peers hold the same loss, so only TP rank 0 adds it in.
             own = loss_sum if groups.tp_rank == 0 else torch.zeros_like(loss_sum)
-            flags = torch.full((1,), float(stop_requested), dtype=torch.float64, device=device)  # no copy
+            flags = step_flags(stop_requested, writer, device)
             numbers = all_reduce(torch.cat([torch.stack([own, bad]), flags]), _world(groups))
             numbers = torch.cat([counts, numbers]).tolist()
             if numbers[4] > 0 and nonfinite == "stop":
@@ -143,11 +158,17 @@ def train_step(engine, batch: Batch, *, groups: ParallelGroups, micro_batch: int
                 loss = loss * float("nan")
         engine.backward(loss)
         engine.step()
-    positions, real, total, loss_total, _, stop = numbers
+    return step_result(engine, numbers, step=step, skipped=skipped, dropped=dropped)
+
+
+def step_result(engine, numbers: list[float], *, step: int, skipped: int, dropped: bool) -> StepResult:
+    """The step's result from its numbers (``[positions, real, loss tokens, loss sum, non-finite,
+    stop, writers busy, writers failed]``) and the engine's grad norm and learning rate."""
+    positions, real, total, loss_total, _, stop, busy, failed = numbers
     norm = None if dropped else engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else None
     if norm is not None and not math.isfinite(norm):
         raise NonFiniteLoss(f"step {step}: non-finite gradient norm {norm} after the update")
     return StepResult(loss=loss_total / max(total, 1.0), loss_tokens=total, tokens=int(positions),
                       real_tokens=int(real), skipped_micro=skipped, grad_norm=norm, lr=engine.get_lr()[0],
-                      stop_requested=stop > 0, dropped=dropped)
+                      stop_requested=stop > 0, dropped=dropped, writers_busy=int(busy), writers_failed=int(failed))
