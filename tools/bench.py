@@ -10,6 +10,7 @@
     python tools/bench.py --mode memory --seq 2048 --batch 1       # sequence parallel / recomputation memory
     python tools/bench.py --mode comm --seq 128 --batch 1          # the collective ledger vs the minimum
     python tools/bench.py --mode pipeline --seq 256 --batch 2      # the 1F1B bubble at PP=2 vs PP=1
+    python tools/bench.py --mode checkpoint --dims 256 512 768     # what a save blocks: sync vs async
 
 Each implementation runs in its own subprocess (so peak memory is its own): ``warmup`` steps, then
 ``steps`` timed steps of forward + next-token loss + backward + AdamW. Prints tokens/s, step time,
@@ -35,7 +36,8 @@ IMPLS = ("xft", "x-transformers")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="model",
-                   choices=["model", "data", "converge", "loss", "attention", "memory", "comm", "pipeline"])
+                   choices=["model", "data", "converge", "loss", "attention", "memory", "comm", "pipeline",
+                            "checkpoint"])
     p.add_argument("--tokens", type=int, default=8192, help="loss mode: tokens")
     p.add_argument("--docs", type=int, default=8, help="attention mode: documents per row")
     p.add_argument("--tp", type=int, default=1, help="loss mode: tensor-parallel ranks (gloo processes)")
@@ -47,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-mib", type=int, default=1024, help="data mode: shard size for the memory check (0: skip)")
     p.add_argument("--mixture-steps", type=int, default=10_000, help="data mode: steps of the mixture share check")
     p.add_argument("--config", help="memory / comm modes: the model of this run config (at TP=2)")
+    p.add_argument("--dims", type=int, nargs="+", default=[256, 512, 768], help="checkpoint mode: model widths")
+    p.add_argument("--every", type=int, default=6, help="checkpoint mode: steps between saves")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -391,6 +395,10 @@ def main(argv=None) -> int:
         return 0
     if a.mode == "data":
         return bench_data(a)
+    if a.mode == "checkpoint":
+        from bench_checkpoint import bench_checkpoint  # tools/bench_checkpoint.py
+
+        return bench_checkpoint(a)
     if a.mode == "pipeline":
         from bench_pipeline import bench_pipeline  # tools/bench_pipeline.py
 

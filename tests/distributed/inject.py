@@ -5,6 +5,10 @@ launchers: ``XFT_TEST_FAULT`` picks the fault, on one rank (``RANK``) only.
     nan:RANK:STEP            that rank's loss is NaN in the first micro-batch of STEP (1-based)
     spike:RANK:STEP:FACTOR   that rank's loss (and gradients) times FACTOR in every micro-batch of STEP
                              (the first time STEP runs: a rolled-back run meets it once)
+    slow_write:RANK:SECONDS  that rank's background checkpoint writer takes SECONDS longer over every
+                             file (checkpoint.async_save: a save stays in flight)
+    full_disk:RANK:STEP      that rank's background writer meets a full disk on the first file of
+                             STEP's checkpoint
 """
 
 from __future__ import annotations
@@ -62,6 +66,39 @@ def _scale_loss(at_step: int, factor: float, first_micro_only: bool) -> None:
     wrappers.AutoregressiveWrapper.hidden_loss_sums = hidden_loss_sums
 
 
+def _slow_write(seconds: float) -> None:
+    from xft_dist.ckpt import staging
+
+    original = staging.torch_save
+
+    def slow(obj):
+        write = original(obj)
+
+        def writing(path):
+            time.sleep(seconds)
+            write(path)
+        return writing
+
+    staging.torch_save = slow
+
+
+def _full_disk(at_step: int) -> None:
+    import errno
+
+    from xft_dist.ckpt import staging
+
+    original = staging.BackgroundWriter.__init__
+
+    def init(self, path, jobs, *, step):
+        if step == at_step:
+            def fail(target):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+            jobs = [(jobs[0][0], fail), *jobs[1:]]
+        original(self, path, jobs, step=step)
+
+    staging.BackgroundWriter.__init__ = init
+
+
 def launch(config: Path, name: str, *overrides: str, fault: str = "", nproc: int = 2, timeout: int = 300):
     """This entry point under the deepspeed launcher on ``nproc`` CPU ranks, with ``fault``
     installed: the finished process (stdout and stderr captured)."""
@@ -85,6 +122,10 @@ def install(fault: str, rank: int) -> None:
         _scale_loss(int(args[0]), float("nan"), first_micro_only=True)
     elif kind == "spike":
         _scale_loss(int(args[0]), float(args[1]), first_micro_only=False)
+    elif kind == "slow_write":
+        _slow_write(float(args[0]))
+    elif kind == "full_disk":
+        _full_disk(int(args[0]))
     else:
         raise ValueError(f"XFT_TEST_FAULT={fault!r}: unknown fault {kind!r}")
 

@@ -90,6 +90,9 @@ PATHS = {
                                  "{run}/config.yaml is a file, expected a directory"),
     "run dir is a file": (["run.name=r/config.yaml"], {}, "{run}/config.yaml is a file, expected a directory"),
     "out dir under a file": (["run.out_dir={run}/config.yaml/x"], {}, "cannot be created: {run}/config.yaml is a file"),
+    "unwritable checkpoint dir, async saves": (["checkpoint.dir=/sys/xft-ckpt", "checkpoint.async_save=true"], {},
+                                               "checkpoint.dir='/sys/xft-ckpt': /sys is not writable (needed for "
+                                               "/sys/xft-ckpt)"),  # sysfs takes no files, root or not
 }
 RESUME = {
     "model.dim changed": (["model.dim=64"], {}, "model.dim=32 in the checkpoint, 64 now"),

@@ -71,3 +71,23 @@ def test_the_resume_plan_passes_over_a_checkpoint_whose_state_is_damaged(tmp_pat
     assert newest_checkpoint(cfg) == older  # planned from the previous one; verification marks this one
     (older / "config.yaml").write_text("model: {dim: 9}\n")
     assert newest_checkpoint(cfg) is None
+
+
+def test_staging_copies_every_tensor_and_keeps_the_containers():
+    """What an asynchronous save writes is the state at the moment it was staged: later in-place
+    updates (the optimizer's) do not reach it; containers, sizes and named tuples come back as such."""
+    from collections import OrderedDict, namedtuple
+
+    import torch
+
+    from xft_dist.ckpt.staging import stage
+
+    Pair = namedtuple("Pair", "a b")
+    w = torch.arange(6.0).view(2, 3)
+    state = OrderedDict(w=w, view=w[1], shape=w.shape, pair=Pair(w, 3), groups=[{"lr": 0.1, "params": [0, 1]}])
+    staged = stage(state)
+    w.add_(100.0)
+    state["groups"][0]["lr"] = 9.0
+    assert type(staged) is OrderedDict and isinstance(staged["pair"], Pair) and staged["shape"] == torch.Size([2, 3])
+    assert staged["w"].tolist() == [[0, 1, 2], [3, 4, 5]] and staged["view"].tolist() == [3, 4, 5]
+    assert staged["pair"].a.tolist() == [[0, 1, 2], [3, 4, 5]] and staged["groups"][0]["lr"] == 0.1

@@ -7,6 +7,12 @@ fsyncs its files and hashes its share of them; rank 0 writes ``files.json``, fsy
 and renames the marker ``COMPLETE`` into place last. A checkpoint without it does not exist for
 resume. ``<dir>/latest`` names the newest complete one (also by rename).
 
+Asynchronous saves (``save(..., background=True)``): the loop blocks only while the state is staged
+in host memory (``staging.py``); each rank's ``BackgroundWriter`` writes, fsyncs and hashes its
+files, and the commit (``files.json``, ``COMPLETE``, ``latest``) happens in ``commit_pending``, a
+collective that every rank calls at the same point: after a step whose numbers say no writer is
+busy, at the next save, or at the end of the run. At most one save is in flight.
+
 Resume takes the newest complete checkpoint whose files match ``files.json`` (checked in parallel
 over ranks and threads). One that does not is reported file by file, marked
 ``FAILED_VERIFICATION`` and skipped for the previous one; it is never deleted (a later save at its
@@ -20,14 +26,17 @@ import logging
 import os
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..parallel.comm import all_gather_object, barrier
-from . import integrity
+from . import integrity, staging
 from .integrity import FAILED, FILES, MARKER
+from .staging import BackgroundWriter, StagingEngine, WriteFailed, stage, text_file
 
 log = logging.getLogger("xft_dist.ckpt")
 _TAG = re.compile(r"^step-(\d{8})$")
@@ -49,11 +58,34 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass
+class Pending:
+    """An asynchronous save between staging and commit."""
+
+    step: int
+    path: Path
+    writer: BackgroundWriter
+    started: float        # time.monotonic() when the save began
+
+
+@dataclass
+class SaveTimes:
+    """``blocking_s``: what the loop waited for (staging; a previous save still writing included);
+    ``waited_s``: of which for the previous save; ``committed``: a save committed meanwhile, with
+    its ``save_s`` (start of the save to its commit)."""
+
+    path: Path
+    blocking_s: float
+    waited_s: float = 0.0
+    committed: tuple[int, float] | None = None
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, *, keep: int = 2):
         if keep < 2:
             raise ValueError(f"checkpoint.keep={keep}: keep at least 2 (the newest may be mid-write)")
         self.root, self.keep = Path(root), keep
+        self.pending: Pending | None = None
 
     @staticmethod
     def tag(step: int) -> str:
@@ -119,17 +151,28 @@ class CheckpointManager:
             shutil.rmtree(path)  # a leftover from a crash at this very step (no COMPLETE, or superseded)
 
     def save(self, engine, step: int, *, rank_state: dict, shared: dict, config_text: str,
-             client_state: dict | None = None) -> Path:
+             client_state: dict | None = None, background: bool = False) -> SaveTimes:
         """Collective: every rank calls it. ``client_state`` goes into DeepSpeed's files (e.g. the
-        universal checkpoint info)."""
+        universal checkpoint info). ``background``: stage and return; the files are written by a
+        background thread and committed by ``commit_pending`` (a previous save still in flight is
+        waited for and committed first)."""
+        t0 = time.monotonic()
+        committed, waited = None, 0.0
+        if self.pending is not None:
+            waited = self.pending.writer.wait()
+            committed = self.commit_pending()
         rank, world = _rank_world()
         tag = self.tag(step)
         path = self.root / tag
         if rank == 0:
             self._clear(path)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step, **(client_state or {})},
-                               save_latest=False)
+        client_state = {"step": step, **(client_state or {})}
+        if background:
+            self._stage(engine, step, path, rank_state=rank_state, shared=shared, config_text=config_text,
+                        client_state=client_state, started=t0)
+            return SaveTimes(path, time.monotonic() - t0, waited, committed)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rank_state, path / f"xft_rank{rank:05d}.pt")
         if rank == 0:
             _write_atomic(path / "xft_state.json", json.dumps({"step": step, **shared}))
@@ -137,15 +180,65 @@ class CheckpointManager:
         barrier()  # every rank has written everything
         names = integrity.listing(path)
         mine = integrity.describe(path, names[rank::world])  # fsynced and hashed, split over ranks
-        parts = all_gather_object(mine) if world > 1 else [mine]
+        self._commit(path, step, all_gather_object(mine) if world > 1 else [mine])
+        return SaveTimes(path, time.monotonic() - t0, waited, committed)
+
+    def _stage(self, engine, step: int, path: Path, *, rank_state, shared, config_text, client_state,
+               started: float) -> None:
+        """Everything this rank's files will hold, copied to host memory; the writer started."""
+        rank, _ = _rank_world()
+        staged = StagingEngine(pin=engine.device.type == "cuda")
+        original, engine.checkpoint_engine = engine.checkpoint_engine, staged
+        try:
+            engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)
+        finally:
+            engine.checkpoint_engine = original
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)  # the pinned copies have landed before training moves on
+        jobs = [(Path(p), staging.torch_save(obj)) for p, obj in staged.files]
+        jobs.append((path / f"xft_rank{rank:05d}.pt", staging.torch_save(stage(rank_state))))
+        if rank == 0:
+            jobs += [(path / "xft_state.json", text_file(json.dumps({"step": step, **shared}))),
+                     (path / "config.yaml", text_file(config_text))]
+        self.pending = Pending(step, path, BackgroundWriter(path, jobs, step=step), started)
+
+    def writer_state(self) -> tuple[int, int]:
+        """This rank's background writer: ``(busy, failed)`` as 0 / 1 (what the step's flags carry)."""
+        p = self.pending
+        if p is None:
+            return 0, 0
+        return int(not p.writer.done), int(p.writer.done and p.writer.error is not None)
+
+    def commit_pending(self) -> tuple[int, float] | None:
+        """Collective: wait for this rank's writer, then commit the in-flight save on rank 0 once
+        every rank's files are written; ``(step, save_s)``. A writer that failed on any rank raises
+        ``WriteFailed`` on every rank, naming each failure; the save is not committed (the previous
+        complete checkpoint stays the newest). None when no save is in flight."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        p.writer.wait()
+        parts = all_gather_object((p.writer.manifest, p.writer.error))
+        errors = [f"rank {i}: {err}" for i, (_, err) in enumerate(parts) if err is not None]
+        if errors:
+            raise WriteFailed(f"the checkpoint of step {p.step} was not committed: " + "; ".join(errors)
+                              + f" (the newest complete checkpoint is {self.latest()})")
+        self._commit(p.path, p.step, [m for m, _ in parts])
+        return p.step, time.monotonic() - p.started
+
+    def _commit(self, path: Path, step: int, parts: list[dict]) -> None:
+        """Rank 0 writes the manifest of every rank's files (and of any file not yet listed, such as
+        DeepSpeed's copied recovery script), the marker and ``latest``; every rank waits for it."""
+        rank, _ = _rank_world()
         if rank == 0:
             files = {k: v for part in parts for k, v in part.items()}
+            rest = [n for n in integrity.listing(path) if n not in files]
+            files.update(integrity.describe(path, rest))
             _write_atomic(path / FILES, json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True))
             _write_atomic(path / MARKER, f"{step}\n")
-            _write_atomic(self.root / "latest", tag + "\n")
+            _write_atomic(self.root / "latest", path.name + "\n")
             self._prune()
         barrier()
-        return path
 
     def _prune(self) -> None:
         done = self.complete()

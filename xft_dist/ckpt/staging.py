@@ -18,7 +18,6 @@ Neither stages, so neither lets training run on while a large checkpoint is writ
 from __future__ import annotations
 
 import copy
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +68,9 @@ class StagingEngine(CheckpointEngine):
 
     def commit(self, info) -> bool:
         return True
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # DeepSpeed need not clone views before ``save``: staging copies every tensor anyway
 
 
 class WriteFailed(RuntimeError):
@@ -127,15 +129,3 @@ def text_file(text: str) -> Callable[[Path], None]:
         with open(path, "w") as f:
             f.write(text)
     return write
-
-
-def check_writable(root: Path) -> str | None:
-    """Why checkpoints cannot be written under ``root`` (None: they can). Creates ``root``."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    return None

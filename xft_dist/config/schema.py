@@ -245,6 +245,9 @@ class CheckpointSection(Section):
     every: int = Field(50, ge=1, description="save every N steps (and at the end, and on SIGTERM/SIGUSR1)")
     keep: int = Field(2, ge=2, description="complete checkpoints kept")
     resume: bool = Field(True, description="resume from the newest complete checkpoint if any")
+    async_save: bool = Field(
+        False, description="stage the state in host memory and write, fsync and hash it in a background thread "
+                           "per rank while training goes on; committed (COMPLETE) once every rank has written")
     reshard: Literal["auto", "off"] = Field(
         "auto", description="auto: a checkpoint of another TP x DP layout or ZeRO stage is converted to DeepSpeed's "
                             "universal format (once, rank 0) and loaded; off: refuse it")

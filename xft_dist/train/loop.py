@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..ckpt.universal import universal_client_state
 from ..config import Config, ConfigError
-from ..data import DataError, StreamingLoader
+from ..data import DataError
 from ..models.factory import flops_per_token
 from ..models.flops import PEAK_FLOPS
 from ..obs import StepMeter
-from ..parallel import all_gather_object, barrier, capture_rng_state, reduce_values, rng_state_to_tensors
+from ..parallel import barrier, reduce_values
 from ..runtime import DistEnv, LaunchError, Watchdog, write_status
 from ..runtime.faults import explain, is_comm_error
 from ..runtime.heartbeat import Heartbeat
 from .cadence import Cadence
+from .checkpointing import CheckpointWriteHalt, after_step, finish_saves, save
 from .guard import SpikeGuard
-from .setup import Run, build_run, layout, restore_checkpoint
+from .setup import Run, build_run, restore_checkpoint
 from .step import LossSpikeHalt, NonFiniteLoss, TrainingHalted, train_step
 
 log = logging.getLogger("xft_dist.train")
@@ -49,7 +49,8 @@ def run(cfg: Config, *, local_rank: int | None = None, stop=None) -> dict:
         r = state["run"]
         if r is not None and r.rank0 and r.run_dir is not None:
             latest = r.ckpt.latest() if r.ckpt is not None else None
-            write_status(r.run_dir, state="nonfinite" if isinstance(e, NonFiniteLoss) else "spike", step=r.step,
+            state = {NonFiniteLoss: "nonfinite", CheckpointWriteHalt: "checkpoint_failed"}.get(type(e), "spike")
+            write_status(r.run_dir, state=state, step=r.step,
                          steps=cfg.train.steps, checkpoint=str(latest) if latest else None, reason=str(e))
         _leave_world()
         raise
@@ -70,18 +71,6 @@ def run(cfg: Config, *, local_rank: int | None = None, stop=None) -> dict:
         log.error("%s", msg)
         # Do not wait in process-group teardown for peers that are gone: leave now.
         os._exit(3)
-
-
-def save(r: Run, step: int):
-    """Collective: the merged loader state, every rank's RNG, the engine, committed atomically."""
-    states = all_gather_object(r.loader.state_dict(), r.groups.dp_group)
-    shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": r.sinks.run_id,
-              "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer,
-              "layout": layout(r.cfg, r.groups), "spike": r.guard.state_dict() if r.guard is not None else None}
-    params = r.model if r.groups.pp_size == 1 else r.engine.module.all_parameters()
-    uc = universal_client_state(params, r.vocab.num_tokens)
-    return r.ckpt.save(r.engine, step, rank_state={"rng": rng_state_to_tensors(capture_rng_state(r.streams))},
-                       shared=shared, config_text=r.config_text, client_state=uc)
 
 
 def _meter(r: Run) -> StepMeter:
@@ -110,6 +99,7 @@ def _rollback(r: Run, guard: SpikeGuard, step: int, why: str):
     if guard.rollbacks >= spike.max_rollbacks:
         raise LossSpikeHalt(f"step {step}: loss spike ({why}) after {guard.rollbacks} rollbacks "
                             f"(train.spike.max_rollbacks={spike.max_rollbacks}): stopping")
+    finish_saves(r, step)  # an asynchronous save in flight is the newest state to roll back to
     latest = r.ckpt.latest()
     if latest is None:
         raise LossSpikeHalt(f"step {step}: loss spike ({why}) and no checkpoint to roll back to: stopping")
@@ -213,7 +203,7 @@ def train(r: Run, *, stop=None) -> dict:
         _beat(dog, f"step {step + 1}")
         result = train_step(r.engine, batch, groups=r.groups, micro_batch=cfg.train.micro_batch,
                             nonfinite=cfg.train.nonfinite, step=step + 1, stop_requested=bool(requested),
-                            drop_update=guard.drop_update)
+                            writer=r.ckpt.writer_state(), drop_update=guard.drop_update)
         step = r.step = step + 1
         _beat(dog, f"logging step {step}")
         metrics = _step_metrics(result, meter)
@@ -228,6 +218,7 @@ def train(r: Run, *, stop=None) -> dict:
                 step, batches = _rollback(r, guard, step, spike)
                 continue
         _record(r, when, step, result, metrics, bar)
+        after_step(r, step, result)  # commits (or reports the failure of) an asynchronous save
         done.stopped = _stop_reason(cfg, step, result, requested)
         _between_steps(r, when, step, batches, done)
         if done.stopped:
@@ -236,6 +227,7 @@ def train(r: Run, *, stop=None) -> dict:
             break
     if bar is not None:
         bar.close()
+    finish_saves(r, step)
     return {"step": step, "checkpoint": str(done.last_saved or r.ckpt.latest()), "metrics": str(r.sinks.jsonl_path),
             "wandb": r.sinks.wandb_dir, "wandb_mode": r.sinks.mode, "losses": done.losses, "stopped": done.stopped,
             "valid": done.valid, "samples": done.samples}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def check_writable_dir(path: Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} cannot be created: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: {existing} is not writable (needed for {path})")
+    try:  # permissions say little to root or on a read-only mount: write a file there and remove it
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ConfigError(f"{key}: {existing} is not writable (needed for {path}): {e.strerror or e}") from None
 
 
 def check_paths(cfg: Config) -> None:
