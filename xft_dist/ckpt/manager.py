@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ..parallel.comm import all_gather_object, barrier
 from . import integrity, staging
 from .integrity import FAILED, FILES, MARKER
-from .staging import BackgroundWriter, StagingEngine, WriteFailed, stage, text_file
+from .staging import BackgroundWriter, WriteFailed, stage, staging_engine, text_file
 
 log = logging.getLogger("xft_dist.ckpt")
 _TAG = re.compile(r"^step-(\d{8})$")
@@ -187,7 +187,7 @@ class CheckpointManager:
                started: float) -> None:
         """Everything this rank's files will hold, copied to host memory; the writer started."""
         rank, _ = _rank_world()
-        staged = StagingEngine(pin=engine.device.type == "cuda")
+        staged = staging_engine(pin=engine.device.type == "cuda")
         original, engine.checkpoint_engine = engine.checkpoint_engine, staged
         try:
             engine.save_checkpoint(str(self.root), tag=path.name, client_state=client_state, save_latest=False)

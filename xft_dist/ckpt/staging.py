@@ -1,6 +1,6 @@
 """Asynchronous saves: the state staged in host memory, written in the background.
 
-``StagingEngine`` is a DeepSpeed ``CheckpointEngine``: while ``engine.save_checkpoint`` runs, every
+``staging_engine()`` is a DeepSpeed ``CheckpointEngine``: while ``engine.save_checkpoint`` runs, every
 state dict DeepSpeed hands it (module, optimizer partitions, ZeRO shards, pipeline layers) is copied
 to host memory (pinned on GPUs, copied without blocking, one synchronisation at the end) and kept
 with the file it goes to; nothing is written. ``BackgroundWriter`` then writes those files and our
@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from . import integrity
 
@@ -49,28 +48,35 @@ def stage(obj, *, pin: bool = False):
     return copy.deepcopy(obj)
 
 
-class StagingEngine(CheckpointEngine):
-    """Collects ``(path, staged state)`` for every file ``save_checkpoint`` would write."""
+def staging_engine(*, pin: bool):
+    """A DeepSpeed ``CheckpointEngine`` that collects ``(path, staged state)`` for every file
+    ``save_checkpoint`` would write, and writes nothing. (DeepSpeed is imported here, on first use:
+    importing it prints its accelerator banner, which the export and generation tools keep off
+    their output.)"""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-    def __init__(self, *, pin: bool):
-        super().__init__()
-        self.name, self.pin = "xft_dist staging", pin
-        self.files: list[tuple[str, object]] = []
+    class StagingEngine(CheckpointEngine):
+        def __init__(self):
+            super().__init__()
+            self.name, self.pin = "xft_dist staging", pin
+            self.files: list[tuple[str, object]] = []
 
-    def create(self, info) -> None:
-        pass
+        def create(self, info) -> None:
+            pass
 
-    def save(self, state_dict, path: str) -> None:
-        self.files.append((str(path), stage(state_dict, pin=self.pin)))
+        def save(self, state_dict, path: str) -> None:
+            self.files.append((str(path), stage(state_dict, pin=self.pin)))
 
-    def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=False)
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=False)
 
-    def commit(self, info) -> bool:
-        return True
+        def commit(self, info) -> bool:
+            return True
 
-    def preserves_storage_sharing(self) -> bool:
-        return False  # DeepSpeed need not clone views before ``save``: staging copies every tensor anyway
+        def preserves_storage_sharing(self) -> bool:
+            return False  # DeepSpeed need not clone views before ``save``: staging copies every tensor anyway
+
+    return StagingEngine()
 
 
 class WriteFailed(RuntimeError):
