@@ -5,8 +5,9 @@
 staged in host memory; ``after_step`` commits the save once the step's numbers say every rank's
 background writer has finished, and stops the run on every rank when one failed; ``finish_saves``
 waits for and commits the last one at the end of the run (or at a signal's stop). Each save logs
-``checkpoint/blocking_s`` (the loop's wait) at its step and ``checkpoint/save_s`` (from the start
-of the save to its commit) at the step it was committed after.
+``checkpoint/blocking_s`` (the loop's wait) in its step's row and ``checkpoint/save_s`` (from the
+start of the save to its commit) in the row of the step it was committed after (a row of its own
+when that is the end of the run).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class CheckpointWriteHalt(TrainingHalted):
     newest complete checkpoint is still the one before."""
 
 
-def save(r: Run, step: int):
-    """Collective: the merged loader state, every rank's RNG, the engine; returns its path."""
+def save(r: Run, step: int) -> tuple:
+    """Collective: the merged loader state, every rank's RNG, the engine; ``(its path, the metrics
+    for the step's row)``."""
     states = all_gather_object(r.loader.state_dict(), r.groups.dp_group)
     shared = {"loader": StreamingLoader.merge_states(states), "wandb_run_id": r.sinks.run_id,
               "num_tokens": r.vocab.num_tokens, "pad_id": r.vocab.pad_id, "tokenizer": r.loader.manifest.tokenizer,
@@ -49,8 +51,7 @@ def save(r: Run, step: int):
         metrics["checkpoint/save_s"] = times.committed[1]
         if times.waited_s > 0.05:
             _warn_overlap(r, step, times)
-    r.sinks.log(step, metrics)
-    return times.path
+    return times.path, metrics
 
 
 def _warn_overlap(r: Run, step: int, times) -> None:
@@ -63,20 +64,22 @@ def _warn_overlap(r: Run, step: int, times) -> None:
                     r.cfg.checkpoint.every)
 
 
-def after_step(r: Run, step: int, result) -> None:
+def after_step(r: Run, step: int, result) -> dict:
     """Commit the in-flight save when no rank's writer is busy; stop every rank when one failed.
-    Decided from the step's numbers (the same on every rank), so the commit's collective is safe."""
+    Decided from the step's numbers (the same on every rank), so the commit's collective is safe.
+    The metrics for the step's row."""
     if r.ckpt.pending is None or (result.writers_busy and not result.writers_failed):
-        return
+        return {}
     try:
         committed = r.ckpt.commit_pending()
     except WriteFailed as e:
         raise _halt(r, step, e) from None
-    if committed is not None:
-        r.sinks.log(step, {"checkpoint/save_s": committed[1]})
-        if r.rank0:
-            log.info("checkpoint of step %d committed after step %d (%.2f s from start to commit)", committed[0],
-                     step, committed[1])
+    if committed is None:
+        return {}
+    if r.rank0:
+        log.info("checkpoint of step %d committed after step %d (%.2f s from start to commit)", committed[0],
+                 step, committed[1])
+    return {"checkpoint/save_s": committed[1]}
 
 
 def finish_saves(r: Run, step: int) -> None:

@@ -217,10 +217,15 @@ def train(r: Run, *, stop=None) -> dict:
                 _beat(dog, f"rollback after step {step}")
                 step, batches = _rollback(r, guard, step, spike)
                 continue
-        _record(r, when, step, result, metrics, bar)
-        after_step(r, step, result)  # commits (or reports the failure of) an asynchronous save
         done.stopped = _stop_reason(cfg, step, result, requested)
-        _between_steps(r, when, step, batches, done)
+        try:  # the checkpoint's numbers go into the step's row
+            metrics.update(after_step(r, step, result))  # commits (or reports the failure of) an async save
+            metrics.update(_skip_and_save(r, when, step, batches, done))
+        except CheckpointWriteHalt:
+            _record(r, when, step, result, metrics, bar)
+            raise
+        _record(r, when, step, result, metrics, bar)
+        _evaluate_and_sample(r, when, step, done)
         if done.stopped:
             if r.rank0:
                 log.info("stopping after step %d (%s); checkpoint %s", step, done.stopped, done.last_saved)
@@ -265,20 +270,26 @@ def _stop_reason(cfg: Config, step: int, result, requested) -> str | None:
     return None
 
 
-def _between_steps(r: Run, when: Cadence, step: int, batches, done: _Progress) -> None:
-    """What is due after this step, in order: validation, samples, data skips, a checkpoint."""
-    dog = r.watchdog
-    if when.validates(step):
-        _beat(dog, f"validation after step {step}")
-        done.valid = run_validation(r, step)
-    if when.samples(step):
-        _beat(dog, f"samples after step {step}")
-        done.samples = log_samples(r, step)
+def _skip_and_save(r: Run, when: Cadence, step: int, batches, done: _Progress) -> dict:
+    """Data skips and the checkpoint due after this step (the checkpoint holds the loader after the
+    skip); the checkpoint's metrics."""
     if when.skip_after(step):  # train.skip_data: the batches a rollback skipped, or chosen by hand
         _skip_batches(r, batches, when.skip_after(step), f"train.skip_data after step {step}")
-    if when.saves(step, stopping=done.stopped is not None):
-        _beat(dog, f"checkpoint of step {step}")
-        done.last_saved = save(r, step)
+    if not when.saves(step, stopping=done.stopped is not None):
+        return {}
+    _beat(r.watchdog, f"checkpoint of step {step}")
+    done.last_saved, metrics = save(r, step)
+    return metrics
+
+
+def _evaluate_and_sample(r: Run, when: Cadence, step: int, done: _Progress) -> None:
+    """Validation and samples due after this step (they touch no state a checkpoint holds)."""
+    if when.validates(step):
+        _beat(r.watchdog, f"validation after step {step}")
+        done.valid = run_validation(r, step)
+    if when.samples(step):
+        _beat(r.watchdog, f"samples after step {step}")
+        done.samples = log_samples(r, step)
 
 
 def run_validation(r: Run, step: int) -> dict:
