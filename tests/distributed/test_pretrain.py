@@ -169,10 +169,22 @@ def test_pipeline_run_matches_data_parallel_and_resumes_bit_identically(work, st
     assert "another layout (pp 2 -> 1, dp 1 -> 2) and checkpoint.reshard=off" in refused.stderr + refused.stdout
 
 
+def _fork(work, base: str, name: str, step: int) -> None:
+    """A run directory holding ``base``'s checkpoint of ``step`` and its metrics up to there only."""
+    import shutil
+
+    src, dst = work / "runs" / base, work / "runs" / name
+    tag = f"step-{step:08d}"
+    shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
+    (dst / "checkpoints" / "latest").write_text(tag + "\n")
+    rows = [line for line in (src / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dst / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+
 def test_encoder_mlm_run_trains_validates_resumes_and_exports(work, tmp_path):
     """``model.kind=encoder data.mode=mlm`` from the command line on 2 ranks: the masked-token loss
     falls, validation reports the loss and ``valid/mlm_acc`` (``tools/evaluate.py`` prints the same),
-    a run stopped at step 6 and resumed under torchrun is bit-identical, and the export to
+    a resume under torchrun from its checkpoint of step 8 is bit-identical, and the export to
     x-transformers' ``TransformerWrapper(Encoder)`` gives our logits."""
     import importlib.util
 
@@ -183,7 +195,7 @@ def test_encoder_mlm_run_trains_validates_resumes_and_exports(work, tmp_path):
     mlm = ["model.kind=encoder", "data.mode=mlm", f"data.valid.shards={work / 'shards'}", "data.valid.batches=2",
            "data.valid.batch_rows=8", "data.valid.every=6", "logging.wandb=disabled"]
     straight = _run(_deepspeed(work, "run.name=mlm", *mlm))
-    _run(_deepspeed(work, "run.name=mlm-resumed", *mlm, "train.stop_after=6"))
+    _fork(work, "mlm", "mlm-resumed", 8)  # the run as it stood at its checkpoint of step 8
     _run(_torchrun(work, "run.name=mlm-resumed", *mlm))
     rows, resumed = _jsonl(work, "mlm"), _jsonl(work, "mlm-resumed")
     train = [r for r in rows if "loss" in r]
